@@ -1,0 +1,29 @@
+"""balloonlab: study how QEMU guests use memory under a virtio balloon.
+
+The async core (``Guest``, ``Balloon``, ``Monitor``) is re-exported here with the blocking
+facade for notebooks and scripts (``SyncGuest``). See README.md for a tour.
+"""
+
+from .balloon import Balloon, BalloonChange, SettleResult, validate_period
+from .builtin import builtin_spec
+from .domain import DomainSpec, MemballoonSpec, load_domain_xml, parse_domain_xml, render_domain_xml
+from .errors import (AgentError, BalloonLabError, BalloonNotFound, CommandError, DomainXMLError,
+                     GuestImageError, GuestNameInUse, LaunchError, MonitorError, StatsUnavailable)
+from .guest import BalloonLabWarning, Guest, list_guests
+from .monitor import Monitor, QMPEvent
+from .stats import BalloonStats, format_dommemstat, libvirt_view
+from .sync import SyncBalloon, SyncGuest, SyncWorkload
+from .units import format_size, parse_size
+from .workload import Workload, ramp, sawtooth, steps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentError", "Balloon", "BalloonChange", "BalloonLabError", "BalloonLabWarning", "BalloonNotFound",
+    "BalloonStats", "CommandError", "DomainSpec", "DomainXMLError", "Guest", "GuestImageError",
+    "GuestNameInUse", "LaunchError", "MemballoonSpec", "Monitor", "MonitorError", "QMPEvent",
+    "SettleResult", "StatsUnavailable", "SyncBalloon", "SyncGuest", "SyncWorkload", "Workload",
+    "builtin_spec", "format_dommemstat", "format_size", "libvirt_view", "list_guests",
+    "load_domain_xml", "parse_domain_xml", "parse_size", "ramp", "render_domain_xml", "sawtooth",
+    "steps", "validate_period",
+]

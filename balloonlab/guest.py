@@ -1,0 +1,387 @@
+"""QEMU guests: launch from domain XML, attach to a running QEMU, reconnect, shut down.
+
+This is the lifecycle layer. :meth:`Guest.launch` keeps libvirt's order: QEMU starts paused
+(``-S``), the monitor connects, the balloon is found, the statistics period from
+``<stats period>`` is set (a failure is a recorded warning, not a failed launch), the initial
+target from ``<currentMemory>`` is sent, and only then do the vCPUs run (``cont``).
+:meth:`Guest.attach` (someone else's QEMU) sets the period only if the VM is running;
+:meth:`Guest.reconnect` (a detached guest balloonlab launched earlier, from a new process)
+never sets it and reads the live value instead. A launched guest is owned by its process and
+dies with it (:mod:`balloonlab.runtime`'s reaper) unless launched or marked detached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Literal
+
+from . import runtime
+from .balloon import Balloon
+from .command import build_argv, qemu_binary_for, resolve_accel
+from .domain import DomainSpec, load_domain_xml, parse_domain_xml
+from .errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
+from .monitor import Monitor
+from .stats import BalloonStats, libvirt_view, process_rss_bytes
+from .workload import Workload
+
+log = logging.getLogger(__name__)
+Origin = Literal["launched", "attached", "reconnected"]
+
+
+class BalloonLabWarning(UserWarning):
+    """Something worked, but not as the domain XML asked (e.g. the period could not be set)."""
+
+
+def as_spec(domain: DomainSpec | str | os.PathLike[str]) -> DomainSpec:
+    """A DomainSpec from a spec, XML text (starts with ``<``) or the path of an XML file."""
+    if isinstance(domain, DomainSpec):
+        return domain
+    if isinstance(domain, str) and domain.lstrip().startswith("<"):
+        return parse_domain_xml(domain)
+    return load_domain_xml(Path(domain))
+
+
+class Guest:
+    """One QEMU guest and its balloon (async core; see :class:`balloonlab.SyncGuest`).
+
+    Build one with :meth:`launch`, :meth:`attach` or :meth:`reconnect`, not directly.
+    """
+
+    def __init__(self, *, name: str, spec: DomainSpec | None, monitor: Monitor, origin: Origin,
+                 pid: int | None = None, process: subprocess.Popen[bytes] | None = None,
+                 paths: runtime.RuntimePaths | None = None, reaper: runtime.Reaper | None = None,
+                 record: runtime.GuestRecord | None = None) -> None:
+        self.name = name
+        self.spec = spec
+        self.monitor = monitor
+        self.origin: Origin = origin
+        self.pid = pid
+        self.paths = paths
+        self.record = record
+        self.balloon = Balloon(monitor, spec.memballoon if spec else None,
+                               max_bytes=spec.memory_bytes if spec else None)
+        #: Things that did not go as the domain XML asked (also emitted as Python warnings).
+        self.warnings: list[str] = []
+        #: The polling period found on the live guest at reconnect (never changed there).
+        self.period_at_connect: int | None = None
+        self._process = process
+        self._reaper = reaper
+        self._workload: Workload | None = None
+        self._closed = False
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    async def launch(cls, domain: DomainSpec | str | os.PathLike[str], *, name: str | None = None,
+                     accel: str = "auto", detached: bool = False, qemu_binary: str | None = None,
+                     boot_timeout_s: float = 90.0) -> Guest:
+        """Start QEMU from a libvirt domain XML (spec, text or file) and bring the guest up.
+
+        :param name: overrides the XML's ``<name>`` (it names the runtime dir).
+        :param accel: ``auto`` (KVM only where it really works), ``kvm`` or ``tcg``.
+        :param detached: the guest outlives this process (see :meth:`reconnect`).
+        :param boot_timeout_s: how long a guest with balloonlab's agent may take to answer.
+        :raises LaunchError: QEMU missing or failed; command, exit code and output attached.
+            No process and no runtime dir are left behind.
+        :raises GuestNameInUse: a live guest already has this name.
+        :raises DomainXMLError: the XML is invalid.
+        """
+        spec = as_spec(domain)
+        if name is not None:
+            spec = dataclasses.replace(spec, name=runtime.validate_name(name))
+        binary = qemu_binary or qemu_binary_for(spec)
+        _check_inputs(spec, binary)
+        chosen = resolve_accel(accel)
+        paths = runtime.claim_runtime_dir(spec.name)
+        argv = build_argv(spec, qmp_socket=str(paths.qmp_socket), console_log=str(paths.console_log),
+                          agent_socket=str(paths.agent_socket) if spec.agent else None,
+                          accel=chosen, qemu_binary=shutil.which(binary) or binary)
+        try:
+            guest = await cls._spawn(spec, paths, argv, chosen, detached)
+        except BaseException:
+            runtime.remove_runtime_dir(paths.dir)
+            raise
+        try:
+            if accel == "auto" and spec.domain_type == "kvm" and chosen != "kvm":
+                guest._warn("domain type is kvm but KVM is not usable here: running under TCG")
+            await guest._post_launch(boot_timeout_s)
+        except BaseException as exc:
+            output = guest._output_tail()
+            await guest._kill()
+            if isinstance(exc, (BalloonLabError, OSError, asyncio.TimeoutError)):
+                raise LaunchError(f"guest {spec.name} did not come up: {exc}", argv,
+                                  guest._exitcode(), output) from exc
+            raise
+        return guest
+
+    @classmethod
+    async def _spawn(cls, spec: DomainSpec, paths: runtime.RuntimePaths, argv: list[str],
+                     accel: str, detached: bool) -> Guest:
+        with open(paths.qemu_log, "wb") as log_file:
+            try:
+                # Its own session: a Ctrl-C aimed at the notebook or script must not reach QEMU;
+                # ownership is the reaper's job.
+                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                           stderr=subprocess.STDOUT, start_new_session=True,
+                                           close_fds=True)
+            except OSError as exc:
+                raise LaunchError(f"cannot run QEMU: {exc}", argv) from exc
+        reaper = None if detached else runtime.Reaper(process.pid, paths.dir)
+        record = runtime.GuestRecord(name=spec.name, pid=process.pid, argv=argv, domain_xml=spec.xml,
+                                     owner_pid=os.getpid(), detached=detached, created=time.time(),
+                                     accel=accel)
+        runtime.write_record(paths, record)
+        monitor = Monitor(str(paths.qmp_socket), name=spec.name)
+        return cls(name=spec.name, spec=spec, monitor=monitor, origin="launched", pid=process.pid,
+                   process=process, paths=paths, reaper=reaper, record=record)
+
+    async def _post_launch(self, boot_timeout_s: float) -> None:
+        assert self.spec is not None and self.paths is not None
+        await self._wait_for_socket(self.paths.qmp_socket, timeout_s=15.0)
+        await self.monitor.connect()
+        spec = self.spec
+        if spec.memballoon is not None:
+            if spec.period_s is not None:
+                await self._apply_period(spec.period_s)
+            if spec.current_memory_bytes < spec.memory_bytes:
+                # Before the vCPUs run: the driver picks the target up as it binds.
+                await self.balloon.set_target(spec.current_memory_bytes)
+        await self.monitor.execute("cont")
+        if spec.agent:
+            self._workload = Workload(str(self.paths.agent_socket))
+            await self._workload.connect(timeout_s=boot_timeout_s)
+
+    @classmethod
+    async def attach(cls, qmp_socket: str | os.PathLike[str], domain: DomainSpec | str | os.PathLike[str] | None = None,
+                     *, name: str | None = None, set_period: bool = True) -> Guest:
+        """Attach to a QEMU someone else started, through its QMP unix socket.
+
+        The period from the XML's ``<stats period>`` is set only if the VM is running (as
+        libvirt does); a paused VM keeps whatever it has. The guest is never stopped by
+        balloonlab unless :meth:`shutdown` is called.
+
+        :raises MonitorError: the socket does not answer QMP.
+        """
+        spec = as_spec(domain) if domain is not None else None
+        label = name or (spec.name if spec else Path(qmp_socket).stem)
+        monitor = Monitor(str(qmp_socket), name=label)
+        await monitor.connect()
+        guest = cls(name=label, spec=spec, monitor=monitor, origin="attached")
+        status = await guest.status()
+        if set_period and spec is not None and spec.period_s is not None:
+            if status == "running":
+                await guest._apply_period(spec.period_s)
+            else:
+                log.info("%s is %s: stats period left as it is", label, status)
+        return guest
+
+    @classmethod
+    async def reconnect(cls, name: str) -> Guest:
+        """Reconnect to a detached guest balloonlab launched (e.g. after a kernel restart).
+
+        Never sets the polling period: a period changed on the live guest stays as it is
+        (:attr:`period_at_connect` holds the live value).
+
+        :raises BalloonLabError: no live guest by that name (see :func:`list_guests`).
+        """
+        paths = runtime.RuntimePaths(runtime.runtime_root() / runtime.validate_name(name))
+        record = runtime.read_record(paths.dir)
+        if record is None or not runtime.qemu_alive(record):
+            names = ", ".join(r.name for r in runtime.list_guests()) or "none"
+            raise BalloonLabError(f"no running guest named {name!r} to reconnect to (running: {names})")
+        spec = parse_domain_xml(record.domain_xml)
+        monitor = Monitor(str(paths.qmp_socket), name=name)
+        await monitor.connect()
+        guest = cls(name=name, spec=spec, monitor=monitor, origin="reconnected", pid=record.pid,
+                    paths=paths, record=record)
+        if spec.memballoon is not None:
+            with contextlib.suppress(BalloonNotFound):
+                guest.period_at_connect = await guest.balloon.get_period()
+        if spec.agent:
+            guest._workload = Workload(str(paths.agent_socket))
+            await guest._workload.connect(timeout_s=10.0)
+        return guest
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def workload(self) -> Workload:
+        """The in-guest workload agent (built-in guest only).
+
+        :raises BalloonLabError: this guest has no agent.
+        """
+        if self._workload is None:
+            raise BalloonLabError(f"guest {self.name} has no workload agent (only guests built "
+                                  "with balloonlab's guest image have one)")
+        return self._workload
+
+    @property
+    def has_agent(self) -> bool:
+        """True when the guest carries balloonlab's workload agent."""
+        return self._workload is not None
+
+    @property
+    def detached(self) -> bool:
+        """True when the guest is meant to outlive this process."""
+        return self.record is not None and self.record.detached
+
+    @property
+    def alive(self) -> bool:
+        """True while the QEMU process runs (for attached guests: while QMP is connected)."""
+        if self._process is not None:
+            return self._process.poll() is None
+        if self.pid is not None and self.paths is not None:
+            return runtime.pid_is_guest(self.pid, str(self.paths.dir))
+        return self.monitor.connected
+
+    async def status(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``prelaunch``...)."""
+        return str((await self.monitor.execute("query-status"))["status"])
+
+    async def read_stats(self) -> BalloonStats:
+        """One read of the balloon statistics (see :meth:`Balloon.read_stats`)."""
+        return await self.balloon.read_stats()
+
+    def rss_bytes(self) -> int | None:
+        """Host RSS of the QEMU process (libvirt's ``rss``), when its pid is known."""
+        return process_rss_bytes(self.pid) if self.pid is not None else None
+
+    async def libvirt_stats(self) -> dict[str, int]:
+        """This guest's numbers as ``virsh dommemstat`` would print them."""
+        return libvirt_view(await self.read_stats(), self.rss_bytes())
+
+    # -- ownership and shutdown -----------------------------------------------------------
+    async def detach(self) -> None:
+        """Let the guest outlive this process; a new process can :meth:`reconnect` to it."""
+        if self.record is None or self.paths is None:
+            raise BalloonLabError(f"guest {self.name} was not launched by balloonlab: nothing to detach")
+        if self._reaper is not None:
+            self._reaper.release()
+            self._reaper = None
+        self.record.detached = True
+        runtime.write_record(self.paths, self.record)
+
+    async def shutdown(self, timeout_s: float = 10.0) -> bool:
+        """Stop the guest: QMP ``quit``, wait, then SIGKILL. Cleans its runtime dir.
+
+        :returns: True when QEMU quit by itself, False when it had to be killed.
+        """
+        if self._closed:
+            return True
+        with contextlib.suppress(MonitorError, CommandError):
+            await self.monitor.execute("quit", timeout_s=5.0)
+        graceful = await self._wait_gone(timeout_s)
+        if not graceful:
+            log.warning("%s did not quit within %s s: killing it", self.name, timeout_s)
+        await self._kill()
+        return graceful
+
+    async def close(self) -> None:
+        """Release this handle: an owned guest is shut down; detached/attached ones keep running."""
+        if self._closed:
+            return
+        if self.origin == "launched" and not self.detached:
+            await self.shutdown()
+        else:
+            await self._disconnect()
+            self._closed = True
+
+    async def __aenter__(self) -> Guest:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- internals ------------------------------------------------------------------------
+    async def _apply_period(self, seconds: int) -> None:
+        try:
+            await self.balloon.set_period(seconds)
+        except (CommandError, BalloonNotFound, ValueError, TypeError) as exc:
+            self._warn(f"could not set the balloon stats period to {seconds} s: {exc}")
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(f"{self.name}: {message}", BalloonLabWarning, stacklevel=3)
+
+    async def _wait_for_socket(self, path: Path, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            if self._process is not None and self._process.poll() is not None:
+                raise LaunchError(f"QEMU exited during start-up with code {self._process.returncode}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"QEMU did not create its QMP socket within {timeout_s} s")
+            await asyncio.sleep(0.02)
+
+    async def _wait_gone(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.alive if (self._process or self.pid) else self.monitor.connected:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _disconnect(self) -> None:
+        if self._workload is not None:
+            await self._workload.close()
+        await self.monitor.close()
+
+    async def _kill(self) -> None:
+        """Make sure QEMU is gone and nothing of it is left: process, reaper, runtime dir."""
+        await self._disconnect()
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            await asyncio.to_thread(self._process.wait)
+        elif self.pid is not None and self.paths is not None and runtime.pid_is_guest(self.pid, str(self.paths.dir)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            while runtime.pid_is_guest(self.pid, str(self.paths.dir)):
+                await asyncio.sleep(0.02)
+        if self._reaper is not None:
+            self._reaper.release()
+            self._reaper = None
+        if self.paths is not None:
+            runtime.remove_runtime_dir(self.paths.dir)
+        self._closed = True
+
+    def _exitcode(self) -> int | None:
+        return self._process.poll() if self._process is not None else None
+
+    def _output_tail(self, limit: int = 3000) -> str:
+        if self.paths is None:
+            return ""
+        parts = []
+        for label, path in (("qemu", self.paths.qemu_log), ("console", self.paths.console_log)):
+            with contextlib.suppress(OSError):
+                text = path.read_bytes()[-limit:].decode(errors="replace").strip()
+                if text:
+                    parts.append(f"[{label}] {text}")
+        return "\n".join(parts)
+
+    def __repr__(self) -> str:
+        return f"<Guest {self.name} {self.origin} pid={self.pid}{' detached' if self.detached else ''}>"
+
+
+def _check_inputs(spec: DomainSpec, binary: str) -> None:
+    """Refuse a launch whose inputs are missing before any process exists."""
+    if shutil.which(binary) is None:
+        raise LaunchError(f"QEMU binary {binary!r} not found: install it (Debian/Ubuntu: "
+                          "apt-get install qemu-system-x86) or set <emulator> in the domain XML")
+    for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd),
+                       *(("disk", d.source) for d in spec.disks)):
+        if path and not Path(path).is_file() and not Path(path).is_block_device():
+            raise LaunchError(f"{what} {path} of guest {spec.name} does not exist"
+                              + (": run `balloonlab guest build`" if what in ("kernel", "initrd") else ""))
+
+
+def list_guests() -> list[runtime.GuestRecord]:
+    """Guests balloonlab launched that are running on this host (stale entries swept)."""
+    return runtime.list_guests()
