@@ -36,6 +36,8 @@ from .workload import Workload
 
 log = logging.getLogger(__name__)
 Origin = Literal["launched", "attached", "reconnected"]
+#: What the built-in guest's init prints on its console once the agent listens.
+READY_LINE = b"BALLOONLAB-READY"
 
 
 class BalloonLabWarning(UserWarning):
@@ -157,8 +159,11 @@ class Guest:
                 await self.balloon.set_target(spec.current_memory_bytes)
         await self.monitor.execute("cont")
         if spec.agent:
+            # Bytes sent to the agent's serial port before the guest configured it are lost
+            # or echoed back: wait for init's READY line on the console first.
+            await self._wait_for_console(READY_LINE, boot_timeout_s)
             self._workload = Workload(str(self.paths.agent_socket))
-            await self._workload.connect(timeout_s=boot_timeout_s)
+            await self._workload.connect(timeout_s=10.0)
 
     @classmethod
     async def attach(cls, qmp_socket: str | os.PathLike[str], domain: DomainSpec | str | os.PathLike[str] | None = None,
@@ -319,6 +324,19 @@ class Guest:
             if time.monotonic() > deadline:
                 raise LaunchError(f"QEMU did not create its QMP socket within {timeout_s} s")
             await asyncio.sleep(0.02)
+
+    async def _wait_for_console(self, marker: bytes, timeout_s: float) -> None:
+        assert self.paths is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(OSError):
+                if marker in self.paths.console_log.read_bytes():
+                    return
+            if self._process is not None and self._process.poll() is not None:
+                raise LaunchError(f"QEMU exited while the guest booted (code {self._process.returncode})")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the guest did not print {marker.decode()} within {timeout_s} s")
+            await asyncio.sleep(0.05)
 
     async def _wait_gone(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -102,7 +102,13 @@ class Monitor:
         client.register_listener(listener)
         try:
             await asyncio.wait_for(client.connect(self.socket_path), timeout_s)
-        except (ConnectError, OSError, QMPError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+            # QEMU serves one QMP client per socket; a second one waits without a greeting.
+            raise MonitorError(f"QEMU did not greet on {self.socket_path} within {timeout_s} s: is another "
+                               "client (another balloonlab process, libvirt) connected to it?") from exc
+        except (ConnectError, OSError, QMPError) as exc:
             with contextlib.suppress(Exception):
                 await client.disconnect()
             raise MonitorError(f"cannot connect to QMP socket {self.socket_path} of {self.name}: "
