@@ -98,10 +98,14 @@ class Balloon:
         self.target: int | None = None
         #: ``actual`` as last seen in a query or BALLOON_CHANGE event.
         self.actual: int | None = None
+        #: The polling period as last read or set (seconds), None until known.
+        self.period_s: int | None = None
         self.changes: collections.deque[BalloonChange] = collections.deque(maxlen=4096)
         self._change_waiters: list[asyncio.Event] = []
         self._listeners: list[Callable[[BalloonChange], None]] = []
+        self._setting_listeners: list[Callable[[str, int], None]] = []
         self._last_update: int | None = None
+        self._last_stats: dict[str, int | None] = {}
         self._last_counters: dict[str, int] = {}
         self._reset_pending = False
         monitor.add_event_handler(self._on_event)
@@ -116,8 +120,9 @@ class Balloon:
 
     async def get_period(self) -> int:
         """The live statistics polling period in seconds (0: polling off)."""
-        return int(await self.monitor.execute(
+        self.period_s = int(await self.monitor.execute(
             "qom-get", {"path": await self.path(), "property": POLLING_PROPERTY}))
+        return self.period_s
 
     async def set_period(self, seconds: int) -> None:
         """Set the statistics polling period (0 disables; the first enable polls at once).
@@ -128,6 +133,8 @@ class Balloon:
         validate_period(seconds)
         await self.monitor.execute("qom-set", {"path": await self.path(),
                                                "property": POLLING_PROPERTY, "value": seconds})
+        self.period_s = seconds
+        self._notify_setting("period", seconds)
 
     # -- stats ----------------------------------------------------------------------------
     async def query_actual(self) -> int:
@@ -161,7 +168,10 @@ class Balloon:
                 self._reset_pending = True  # QEMU >= 8 zeroes the stats on guest reset
             self._last_update = None
             return record
-        new = lu != self._last_update
+        # last-update has whole-second resolution: two reports within one second differ only
+        # in their values.
+        new = lu != self._last_update or record.stats != self._last_stats
+        self._last_stats = record.stats
         reset = False
         if new:
             counters = {k: v for k, v in record.stats.items() if k in COUNTERS and v is not None}
@@ -215,11 +225,20 @@ class Balloon:
         await self.path()  # a guest without a balloon says so here, not as DeviceNotActive
         await self.monitor.execute("balloon", {"value": target})
         self.target = target
+        self._notify_setting("target", target)
         return target
 
     def add_listener(self, listener: Callable[[BalloonChange], None]) -> None:
         """Call ``listener(change)`` on every BALLOON_CHANGE event."""
         self._listeners.append(listener)
+
+    def add_setting_listener(self, listener: Callable[[str, int], None]) -> None:
+        """Call ``listener(kind, value)`` when balloonlab sets the ``"target"`` or ``"period"``."""
+        self._setting_listeners.append(listener)
+
+    def _notify_setting(self, kind: str, value: int) -> None:
+        for listener in list(self._setting_listeners):
+            listener(kind, value)
 
     def _on_event(self, event: QMPEvent) -> None:
         if event.name == "BALLOON_CHANGE":

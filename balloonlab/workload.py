@@ -25,11 +25,16 @@ CHUNK_BYTES = 32 << 20
 
 @dataclass(frozen=True)
 class WorkloadChange:
-    """The agent's held memory changed to ``held`` bytes at ``time`` (epoch s)."""
+    """The agent's held memory changed to ``held`` bytes at ``time`` (epoch s, when done).
+
+    ``duration_s`` is how long the guest took (touching fresh pages is what re-touch
+    experiments measure).
+    """
 
     time: float
     held: int
     detail: str
+    duration_s: float
 
 
 class Workload:
@@ -124,11 +129,14 @@ class Workload:
         nbytes = parse_size(size)
         if nbytes <= 0:
             raise ValueError(f"allocation size must be above 0, got {size!r}")
-        for chunk in _split(nbytes):
-            chunk_id = f"c{next(self._ids)}"
-            await self._request("alloc", chunk_id, chunk, timeout_s=120.0)
-            self._chunks.append((chunk_id, chunk))
-        self._notify(f"alloc {format_size(nbytes)}")
+        started = time.monotonic()
+        try:
+            for chunk in _split(nbytes):
+                chunk_id = f"c{next(self._ids)}"
+                await self._request("alloc", chunk_id, chunk, timeout_s=120.0)
+                self._chunks.append((chunk_id, chunk))
+        finally:
+            self._notify(f"alloc {format_size(nbytes)}", started)
         return self.held
 
     async def free(self, size: int | str | None = None) -> int:
@@ -137,15 +145,17 @@ class Workload:
         :returns: bytes held afterwards.
         """
         if size is None:
+            started = time.monotonic()
             await self._request("freeall")
             self._chunks.clear()
-            self._notify("free all")
+            self._notify("free all", started)
             return 0
         return await self.hold(max(0, self.held - parse_size(size)))
 
     async def hold(self, size: int | str) -> int:
         """Make the agent hold ``size`` bytes, allocating or freeing the difference."""
         target = parse_size(size)
+        started = time.monotonic()
         changed = False
         while self._chunks and self.held - self._chunks[-1][1] >= target:
             chunk_id, _ = self._chunks[-1]
@@ -160,7 +170,7 @@ class Workload:
         if target > self.held:
             await self.alloc(target - self.held)
         elif changed:
-            self._notify(f"hold {format_size(target)}")
+            self._notify(f"hold {format_size(target)}", started)
         return self.held
 
     async def run_pattern(self, pattern: Iterable[tuple[float, int]]) -> None:
@@ -170,8 +180,8 @@ class Workload:
             await asyncio.sleep(max(0.0, start + at_s - time.monotonic()))
             await self.hold(level)
 
-    def _notify(self, detail: str) -> None:
-        change = WorkloadChange(time.time(), self.held, detail)
+    def _notify(self, detail: str, started: float) -> None:
+        change = WorkloadChange(time.time(), self.held, detail, time.monotonic() - started)
         for listener in list(self._listeners):
             listener(change)
 
