@@ -12,18 +12,21 @@ from .errors import (AgentError, BalloonLabError, BalloonNotFound, CommandError,
 from .guest import BalloonLabWarning, Guest, list_guests
 from .monitor import Monitor, QMPEvent
 from .stats import BalloonStats, format_dommemstat, libvirt_view
-from .sync import SyncBalloon, SyncGuest, SyncWorkload
+from .sync import SyncBalloon, SyncGuest, SyncSampler, SyncWorkload
 from .units import format_size, parse_size
-from .workload import Workload, ramp, sawtooth, steps
+from .workload import Workload
+from .experiment import Experiment, Schedule
+from .sampler import Sampler
+from .store import Run, load_run
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AgentError", "Balloon", "BalloonChange", "BalloonLabError", "BalloonLabWarning", "BalloonNotFound",
     "BalloonStats", "CommandError", "DomainSpec", "DomainXMLError", "Guest", "GuestImageError",
     "GuestNameInUse", "LaunchError", "MemballoonSpec", "Monitor", "MonitorError", "QMPEvent",
-    "SettleResult", "StatsUnavailable", "SyncBalloon", "SyncGuest", "SyncWorkload", "Workload",
+    "SettleResult", "StatsUnavailable", "SyncBalloon", "SyncGuest", "SyncSampler", "SyncWorkload", "Workload",
     "builtin_spec", "format_dommemstat", "format_size", "libvirt_view", "list_guests",
-    "load_domain_xml", "parse_domain_xml", "parse_size", "ramp", "render_domain_xml", "sawtooth",
-    "steps", "validate_period",
+    "load_domain_xml", "parse_domain_xml", "parse_size", "render_domain_xml", "validate_period",
+    "Experiment", "Schedule", "Sampler", "Run", "load_run",
 ]

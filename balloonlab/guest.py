@@ -217,6 +217,20 @@ class Guest:
         return guest
 
     # -- state ----------------------------------------------------------------------------
+    #: How balloonlab reaches this guest (the libvirt backend says "libvirt").
+    backend = "qmp"
+
+    async def metadata(self) -> dict[str, object]:
+        """What a run records about this guest: domain XML, command line, QEMU version."""
+        version = (await self.monitor.execute("query-version"))["qemu"]
+        return {"name": self.name, "backend": self.backend, "origin": self.origin, "pid": self.pid,
+                "qemu_version": f"{version['major']}.{version['minor']}.{version['micro']}",
+                "argv": self.record.argv if self.record else None,
+                "accel": self.record.accel if self.record else None,
+                "qmp_socket": self.monitor.socket_path,
+                "domain_xml": self.spec.xml if self.spec else None,
+                "warnings": list(self.warnings)}
+
     @property
     def workload(self) -> Workload:
         """The in-guest workload agent (built-in guest only).

@@ -101,11 +101,21 @@ class KernelInfo:
 
 
 def default_cache_dir() -> Path:
-    """``$BALLOONLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/balloonlab``, else ``~/.cache/balloonlab``."""
+    """``$BALLOONLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/balloonlab``, else ``~/.cache/balloonlab``;
+    for root, ``/var/cache/balloonlab``.
+
+    Root's home is 0700, and a guest started through libvirt runs QEMU as another user
+    (libvirt-qemu) that must read the kernel and initramfs: root's cache lives where system
+    caches do, world-readable.
+    """
     if os.environ.get("BALLOONLAB_CACHE_DIR"):
         return Path(os.environ["BALLOONLAB_CACHE_DIR"])
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "balloonlab"
+    if xdg:
+        return Path(xdg) / "balloonlab"
+    if os.getuid() == 0:
+        return Path("/var/cache/balloonlab")
+    return Path.home() / ".cache" / "balloonlab"
 
 
 def kernel_release(path: Path) -> str | None:

@@ -10,12 +10,16 @@ in scripts. The objects mirror the async ones: ``SyncGuest.launch(...)`` is
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
+
+import pandas as pd
 
 from . import _loop
 from .balloon import Balloon, BalloonChange, SettleResult
 from .domain import DomainSpec
 from .guest import Guest
+from .sampler import GuestState, Sampler
 from .stats import BalloonStats
 from .workload import Workload
 
@@ -178,3 +182,66 @@ class SyncGuest:
 
     def __repr__(self) -> str:
         return repr(self.aio).replace("<Guest", "<SyncGuest", 1)
+
+
+class SyncSampler:
+    """Blocking view of :class:`~balloonlab.sampler.Sampler`.
+
+    Sampling runs in the background on balloonlab's loop: :meth:`start` returns at once and
+    the notebook stays free; :meth:`frame` gives what has been recorded so far.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.aio = _loop.run(_make_sampler(kwargs))
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder, when streaming to disk."""
+        return self.aio.run_dir
+
+    def start(self) -> SyncSampler:
+        """Start sampling (returns immediately)."""
+        _loop.run(self.aio.start())
+        return self
+
+    def add(self, guest: SyncGuest | Guest) -> None:
+        """Sample one more guest."""
+        _loop.run(self.aio.add(guest.aio if isinstance(guest, SyncGuest) else guest))
+
+    def remove(self, name: str) -> None:
+        """Stop sampling one guest (its rows stay)."""
+        _loop.run(self.aio.remove(name))
+
+    def stop(self) -> None:
+        """Stop sampling, flush, close the run."""
+        _loop.run(self.aio.stop())
+
+    def frame(self) -> pd.DataFrame:
+        """Samples so far (built on the loop thread, so never half-appended)."""
+        return _loop.run(_call(self.aio.frame))
+
+    def events(self) -> pd.DataFrame:
+        """Events so far."""
+        return _loop.run(_call(self.aio.events))
+
+    def states(self) -> dict[str, GuestState]:
+        """Per-guest sampling state."""
+        return _loop.run(_call(self.aio.states))
+
+    def record_event(self, guest: str, kind: str, value: int | None = None, detail: str = "") -> None:
+        """Record an event of your own (e.g. a note) at the current time."""
+        _loop.run(_call(lambda: self.aio.record_event(guest, kind, value, detail)))
+
+    def __enter__(self) -> SyncSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _make_sampler(kwargs: dict[str, Any]) -> Sampler:
+    return Sampler(**kwargs)
+
+
+async def _call(fn: Any) -> Any:
+    return fn()

@@ -18,7 +18,7 @@ UNITS: dict[str, int] = {
     "TB": 10**12, "T": 2**40, "TiB": 2**40,
 }
 _UNIT_HELP = "b, bytes, KB, k, KiB, MB, M, MiB, GB, G, GiB, TB, T, TiB"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(-?)(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
 
 def unit_factor(unit: str) -> int:
@@ -49,7 +49,9 @@ def parse_size(value: int | str, default_unit: str = "b") -> int:
     match = _SIZE_RE.match(value)
     if not match:
         raise ValueError(f"cannot read size {value!r}; expected a number with an optional unit, like '256M'")
-    number, unit = match.groups()
+    sign, number, unit = match.groups()
+    if sign and float(number) != 0:
+        raise ValueError(f"size must not be negative, got {value!r}")
     factor = unit_factor(unit or default_unit)
     if "." in number:
         whole, frac = number.split(".")

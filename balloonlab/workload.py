@@ -3,8 +3,9 @@
 The guest's workload agent listens on its second serial port (a unix socket on the host)
 and speaks one line per request: ``<seq> <verb> [args]`` -> ``<seq> ok [data]`` or
 ``<seq> err <message>``. Memory is held in chunks, each a process in the guest that touched
-its pages, so "free some" is exact to a chunk. Patterns (steps, ramp, sawtooth) are timed on
-the host, so every change is a host-timestamped event the sampler can record.
+its pages, so "free some" is exact to a chunk. Patterns (:class:`balloonlab.experiment.Schedule`
+with kind "workload") are timed on the host, so every change is a host-timestamped event the
+sampler can record.
 """
 
 from __future__ import annotations
@@ -191,36 +192,3 @@ def _split(nbytes: int) -> Iterator[int]:
         chunk = min(CHUNK_BYTES, nbytes)
         yield chunk
         nbytes -= chunk
-
-
-# -- patterns: plain schedules, so they can be inspected, plotted and stored with a run ----
-def steps(levels: Iterable[int | str], hold_s: float) -> list[tuple[float, int]]:
-    """Hold each level for ``hold_s`` seconds: ``steps(["100M", "200M", 0], 10)``."""
-    _positive(hold_s, "hold_s")
-    return [(i * hold_s, parse_size(level)) for i, level in enumerate(levels)]
-
-
-def ramp(start: int | str, stop: int | str, duration_s: float, n_steps: int = 10) -> list[tuple[float, int]]:
-    """Go from ``start`` to ``stop`` bytes in ``n_steps`` equal steps over ``duration_s``."""
-    _positive(duration_s, "duration_s")
-    if type(n_steps) is not int or n_steps < 1:
-        raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
-    a, b = parse_size(start), parse_size(stop)
-    return [(duration_s * i / n_steps, a + (b - a) * i // n_steps) for i in range(n_steps + 1)]
-
-
-def sawtooth(low: int | str, high: int | str, period_s: float, cycles: int = 3,
-             n_steps: int = 5) -> list[tuple[float, int]]:
-    """Ramp from ``low`` to ``high`` and drop back, ``cycles`` times."""
-    _positive(period_s, "period_s")
-    schedule: list[tuple[float, int]] = []
-    for cycle in range(cycles):
-        for at_s, level in ramp(low, high, period_s * n_steps / (n_steps + 1), n_steps):
-            schedule.append((cycle * period_s + at_s, level))
-    schedule.append((cycles * period_s, parse_size(low)))
-    return schedule
-
-
-def _positive(value: float, name: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

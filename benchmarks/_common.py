@@ -1,0 +1,147 @@
+"""Shared helpers for balloonlab's benchmark scripts: statistics, tables, JSON, environment.
+
+Kept dependency-free (stdlib only) and generic: a benchmark script measures, then calls
+:func:`median`/:func:`quantile`/:func:`ratio` on its samples, :func:`print_table` for the
+human-readable summary and :func:`write_json` (with :func:`environment`) for the raw data.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+#: Where :func:`write_json` puts ``<name>.json`` (gitignored).
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def quantile(samples: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) with linear interpolation between order statistics
+    (numpy's default, R's type 7).
+
+    :raises ValueError: no samples, or ``q`` outside [0, 1].
+    """
+    if not samples:
+        raise ValueError("quantile of no samples")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q} is outside [0, 1]")
+    ordered = sorted(samples)
+    pos = (len(ordered) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def median(samples: Sequence[float]) -> float:
+    """The median (the 0.5 quantile)."""
+    return quantile(samples, 0.5)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None when either is missing or ``b`` is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _cell(value: Any, fmt: str | None) -> str:
+    if value is None:
+        return "-"
+    if fmt is not None:
+        return format(value, fmt)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str],
+                formats: Mapping[str, str] | None = None, file: Any = None) -> None:
+    """Print ``rows`` as an aligned text table of ``columns`` (keys of each row).
+
+    Missing and None values print as ``-``; floats use ``formats[column]`` (default ``.3f``).
+    Numbers are right-aligned, everything else left-aligned.
+    """
+    formats = formats or {}
+    cells = [[_cell(row.get(col), formats.get(col)) for col in columns] for row in rows]
+    numeric = [all(isinstance(row.get(col), (int, float)) or row.get(col) is None for row in rows)
+               for col in columns]
+    widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = file or sys.stdout
+    print(line(list(columns)), file=out)
+    for r in cells:
+        print(line(r), file=out)
+
+
+def write_json(name: str, payload: Any, path: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``payload`` as JSON to ``path`` (default ``benchmarks/results/<name>.json``).
+
+    The folder is created as needed. Returns the path written.
+    """
+    target = Path(path) if path is not None else RESULTS_DIR / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    tmp.replace(target)
+    return target
+
+
+def _run(argv: Sequence[str]) -> str | None:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=PROJECT_ROOT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def environment(qemu_binary: str = "qemu-system-x86_64") -> dict[str, Any]:
+    """What the numbers depend on: date, host, CPU, QEMU and Python versions, git commit."""
+    qemu = _run([qemu_binary, "--version"])
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = None
+    commit = _run(["git", "rev-parse", "HEAD"])
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    try:
+        from importlib.metadata import version
+        balloonlab_version: str | None = version("balloonlab")
+    except Exception:  # not installed: still report the rest
+        balloonlab_version = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "kernel": platform.release(),
+        "cpu_model": _cpu_model(),
+        "nproc": os.cpu_count(),
+        "nproc_usable": usable,
+        "kvm_device": os.access("/dev/kvm", os.R_OK | os.W_OK),
+        "qemu_binary": qemu_binary,
+        "qemu_version": qemu.splitlines()[0] if qemu else None,
+        "python": sys.version.split()[0],
+        "balloonlab": balloonlab_version,
+        "git_commit": commit,
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "argv": sys.argv,
+    }

@@ -1,0 +1,227 @@
+"""Analyses and the ``df.balloon`` accessor on synthetic frames with the sampler's dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+import balloonlab.accessor  # noqa: F401  (registers df.balloon)
+from balloonlab.analysis import memory_held_vs_available, retouch_cost, step_response, summary
+from balloonlab.stats import BalloonStats, libvirt_view
+
+MiB = 1 << 20
+T0 = pd.Timestamp("2024-05-01 12:00:00", tz="UTC")
+STATS = ("swap_in", "swap_out", "major_faults", "minor_faults", "free_memory", "total_memory",
+         "available_memory", "disk_caches", "htlb_pgalloc", "htlb_pgfail")
+INTS = (*STATS, "actual", "target", "period_s", "rss")
+KINDS = ["balloon_change", "target", "period", "workload", "reset", "launch", "shutdown", "error"]
+
+
+def at(seconds: float) -> pd.Timestamp:
+    return T0 + pd.Timedelta(seconds=seconds)
+
+
+def samples_frame(rows: list[dict], *, drop: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A samples frame as the sampler writes it. Each row: ``t`` (s after T0), ``guest``,
+    ``lu`` (last_update, s after T0, None for NaT) and any stat; missing values are NA."""
+    index = pd.DatetimeIndex([at(r["t"]) for r in rows], name="time").as_unit("ns")
+    data: dict[str, object] = {
+        "guest": pd.Categorical([r["guest"] for r in rows]),
+        "last_update": pd.array([at(r["lu"]) if r.get("lu") is not None else pd.NaT for r in rows],
+                                dtype="datetime64[ns, UTC]"),
+    }
+    for name in (*INTS, *extra):
+        data[name] = pd.array([r.get(name, pd.NA) for r in rows], dtype="Int64")
+    data["age_s"] = pd.array([r.get("age_s", pd.NA) for r in rows], dtype="Float64")
+    data["reset"] = pd.array([r.get("reset", False) for r in rows], dtype=bool)
+    frame = pd.DataFrame(data, index=index).drop(columns=list(drop))
+    assert str(frame.index.dtype) == "datetime64[ns, UTC]"
+    return frame
+
+
+def events_frame(rows: list[tuple]) -> pd.DataFrame:
+    """An events frame: rows of ``(t, guest, kind, value=None, duration_s=None, detail=None)``."""
+    rows = [(*r, *([None] * (6 - len(r)))) for r in rows]
+    index = pd.DatetimeIndex([at(r[0]) for r in rows], name="time", dtype="datetime64[ns, UTC]")
+    return pd.DataFrame({
+        "guest": pd.Categorical([r[1] for r in rows]),
+        "kind": pd.Categorical([r[2] for r in rows], categories=KINDS),
+        "value": pd.array([pd.NA if r[3] is None else r[3] for r in rows], dtype="Int64"),
+        "duration_s": pd.array([pd.NA if r[4] is None else r[4] for r in rows], dtype="Float64"),
+        "detail": pd.array([r[5] for r in rows], dtype="string"),
+    }, index=index)
+
+
+def test_libvirt_view_names_units_and_order_match_virsh():
+    row = {"t": 0, "guest": "a", "lu": 0.75, "actual": 512 * MiB + 1023, "swap_in": 1023,
+           "swap_out": 2048, "major_faults": 7, "minor_faults": 1023, "free_memory": 100 * 1024 + 1023,
+           "total_memory": 480 * MiB, "available_memory": 300 * MiB, "disk_caches": 5000,
+           "htlb_pgalloc": 3, "rss": 1023, "oom_kills": 2}
+    frame = samples_frame([row, {"t": 1, "guest": "a", "actual": 1024}], drop=("htlb_pgfail",),
+                          extra=("oom_kills",))
+    view = frame.balloon.libvirt()
+    assert list(view.columns) == ["guest", "actual", "swap_in", "swap_out", "major_fault",
+                                  "minor_fault", "unused", "available", "usable", "last_update",
+                                  "disk_caches", "hugetlb_pgalloc", "hugetlb_pgfail", "rss"]
+    first = view.iloc[0]
+    assert first["actual"] == 512 * 1024 and first["swap_in"] == 0 and first["swap_out"] == 2
+    assert first["major_fault"] == 7 and first["minor_fault"] == 1023  # counts unchanged
+    assert first["unused"] == 100 and first["available"] == 480 * 1024 and first["usable"] == 300 * 1024
+    assert first["disk_caches"] == 4 and first["rss"] == 0  # 1023 bytes -> 0 KiB
+    assert first["last_update"] == int(T0.timestamp())  # epoch seconds, truncated
+    assert pd.isna(first["hugetlb_pgfail"])  # not in the frame: NA, like libvirt leaving it out
+    assert view.iloc[1]["last_update"] == 0 and view.iloc[1]["actual"] == 1
+    assert view.index.equals(frame.index) and view["guest"].tolist() == ["a", "a"]
+    # Same numbers as the per-sample libvirt_view in balloonlab.stats.
+    stats = {k: row[k] for k in STATS if k in row}
+    expected = libvirt_view(BalloonStats(0.0, int(T0.timestamp()), stats, row["actual"]), row["rss"])
+    assert {k: int(v) for k, v in first.drop("guest").dropna().items()} == expected
+
+
+def test_used_puts_four_definitions_side_by_side():
+    frame = samples_frame([
+        {"t": 0, "guest": "a", "actual": 1000, "free_memory": 300, "total_memory": 900,
+         "available_memory": 500, "rss": 1200},
+        {"t": 0, "guest": "b", "actual": 2000, "free_memory": 1500, "rss": 800},
+    ])
+    used = frame.balloon.used()
+    assert list(used.columns) == ["guest", "virt_manager", "exporter", "host_rss", "mom"]
+    assert used.iloc[0][["virt_manager", "exporter", "host_rss", "mom"]].tolist() == [700, 400, 1200, 700]
+    assert used.iloc[1]["virt_manager"] == 500 and pd.isna(used.iloc[1]["exporter"])
+    assert str(used["exporter"].dtype) == "Int64"
+
+
+def test_rates_per_guest_with_reset_row_and_time_fallback():
+    rows = [
+        {"t": 0, "guest": "a", "lu": 0, "major_faults": 10, "swap_in": 0, "minor_faults": 100},
+        {"t": 0.1, "guest": "b", "lu": 0, "major_faults": 5000},
+        {"t": 2, "guest": "a", "lu": 2, "major_faults": 30, "swap_in": 4096, "minor_faults": 300},
+        {"t": 2.1, "guest": "b", "lu": 2, "major_faults": 5002},
+        {"t": 4, "guest": "a", "lu": 4, "major_faults": 70, "swap_in": 4096, "minor_faults": 700},
+        {"t": 6, "guest": "a", "lu": 6, "major_faults": 3, "swap_in": 0, "minor_faults": 50,
+         "reset": True},
+        {"t": 7, "guest": "a", "lu": None, "major_faults": 5, "swap_in": 0, "minor_faults": 60},
+    ]
+    rates = samples_frame(rows).balloon.rates()
+    a = rates[rates["guest"] == "a"]
+    assert a["major_faults_per_s"].tolist()[:3] == [pd.NA, 10.0, 20.0]
+    assert a["swap_in_bytes_per_s"].tolist()[:3] == [pd.NA, 2048.0, 0.0]
+    assert pd.isna(a["major_faults_per_s"].iloc[3]) and pd.isna(a["minor_faults_per_s"].iloc[3])
+    assert a["major_faults_per_s"].iloc[4] == 2.0  # last_update NaT: index time (1 s) used
+    b = rates[rates["guest"] == "b"]
+    assert pd.isna(b["major_faults_per_s"].iloc[0]) and b["major_faults_per_s"].iloc[1] == 1.0
+    assert rates["swap_out_bytes_per_s"].isna().all()  # counter without values: NA, no error
+    assert (rates.drop(columns="guest").fillna(0) >= 0).all().all()
+    assert rates.index.equals(samples_frame(rows).index)
+
+
+def test_counter_going_down_without_reset_flag_is_na_not_negative():
+    rows = [{"t": t, "guest": "a", "lu": t, "minor_faults": v, "major_faults": 1}
+            for t, v in [(0, 100), (1, 200), (2, 20), (3, 50)]]
+    rates = samples_frame(rows, drop=("swap_in", "swap_out")).balloon.rates()
+    assert rates["minor_faults_per_s"].tolist() == [pd.NA, 100.0, pd.NA, 30.0]
+    assert rates["swap_in_bytes_per_s"].isna().all()
+
+
+def _step_frames():
+    samples, events = [], []
+    for t in range(11):  # guests a and b sampled every second; c polled only
+        samples.append({"t": t, "guest": "a", "actual": 512 * MiB if t <= 1 else
+                        (256 * MiB if t < 7 else 512 * MiB)})
+        samples.append({"t": t, "guest": "b", "actual": 512 * MiB if t <= 1 else 300 * MiB})
+    events += [(1.0, "a", "target", 256 * MiB)]
+    events += [(1.0 + 0.2 * k, "a", "balloon_change", 512 * MiB - 256 * MiB * k // 5) for k in range(1, 6)]
+    events += [(6.0, "a", "target", 512 * MiB), (6.5, "a", "balloon_change", 512 * MiB)]
+    events += [(1.0, "b", "target", 256 * MiB)]
+    events += [(1.0 + 0.2 * k, "b", "balloon_change", 512 * MiB - 212 * MiB * k // 3) for k in range(1, 4)]
+    samples += [{"t": 0, "guest": "c", "actual": 512 * MiB}, {"t": 1, "guest": "c", "actual": 512 * MiB},
+                {"t": 2, "guest": "c", "actual": 450 * MiB}, {"t": 3, "guest": "c", "actual": 384 * MiB}]
+    events += [(1.5, "c", "target", 384 * MiB)]
+    return samples_frame(samples), events_frame(sorted(events, key=lambda e: e[0]))
+
+
+def test_step_response_inflate_stall_deflate_and_polled_only():
+    result = step_response(*_step_frames())
+    assert list(result["guest"]) == ["a", "a", "b", "c"]
+    inflate = result.iloc[0]
+    assert inflate["time"] == at(1.0) and inflate["direction"] == "inflate"
+    assert inflate["start_actual"] == 512 * MiB and inflate["final_actual"] == 256 * MiB
+    assert inflate["reached"] and not inflate["stalled"]
+    assert inflate["time_to_target_s"] == pytest.approx(1.0)
+    assert inflate["rate_mib_per_s"] == pytest.approx(256.0)
+    deflate = result.iloc[1]
+    assert deflate["direction"] == "deflate" and deflate["start_actual"] == 256 * MiB
+    assert deflate["time_to_target_s"] == pytest.approx(0.5) and deflate["rate_mib_per_s"] == pytest.approx(512.0)
+    stalled = result.iloc[2]
+    assert stalled["final_actual"] == 300 * MiB and not stalled["reached"] and stalled["stalled"]
+    assert pd.isna(stalled["time_to_target_s"])
+    assert stalled["rate_mib_per_s"] == pytest.approx(212 / 0.6)
+    polled = result.iloc[3]  # no balloon_change events: the samples' actual column
+    assert polled["reached"] and polled["time_to_target_s"] == pytest.approx(1.5)
+    assert not polled["stalled"]
+
+
+def test_step_response_not_stalled_while_still_moving_or_too_short():
+    samples, events = _step_frames()
+    result = step_response(samples, events, settle_s=60.0)
+    assert not result.iloc[2]["stalled"]  # still for 8.4 s, not 60 s
+    assert step_response(samples.iloc[:0], events.iloc[:0]).empty
+
+
+def test_retouch_cost_classifies_allocations_after_deflate():
+    events = events_frame([
+        (0.5, "a", "balloon_change", 512 * MiB),
+        (1, "a", "workload", 64 * MiB, 0.5, "alloc 64 MiB"),
+        (2, "a", "target", 256 * MiB),  # inflate (below actual 512M)
+        (2.5, "a", "balloon_change", 256 * MiB),
+        (3, "a", "workload", 96 * MiB, 1.0, "alloc 32 MiB"),
+        (4, "a", "target", 512 * MiB),  # deflate (above actual 256M)
+        (4.5, "b", "workload", 32 * MiB, 0.25, "alloc 32 MiB"),
+        (5, "a", "workload", 224 * MiB, 2.0, "alloc 128 MiB"),
+        (5.5, "a", "workload", 0, 0.1, "free all"),
+        (5.8, "a", "target", 512 * MiB),  # no move: neither inflate nor deflate
+        (5.9, "a", "workload", 16 * MiB, 0.5, "alloc 16 MiB"),
+        (6, "a", "target", 128 * MiB),  # inflate again
+        (7, "a", "workload", 48 * MiB, 1.0, "alloc 32 MiB"),
+    ])
+    cost = retouch_cost(events)
+    a = cost[cost["guest"] == "a"].set_index("time")
+    assert a["after_deflate"].tolist() == [False, False, True, True, False]
+    assert a["alloc_bytes"].tolist() == [64 * MiB, 32 * MiB, 128 * MiB, 16 * MiB, 32 * MiB]
+    assert a.loc[at(5), "mib_per_s"] == pytest.approx(64.0)
+    assert a.loc[at(5), "since_deflate_s"] == pytest.approx(1.0) and a.loc[at(5), "deflate_time"] == at(4)
+    assert pd.isna(a.loc[at(7), "deflate_time"]) and pd.isna(a.loc[at(7), "since_deflate_s"])
+    assert cost[cost["guest"] == "b"]["after_deflate"].tolist() == [False]  # a's deflate is a's
+    assert "free all" not in set(cost["detail"])
+    medians = cost.groupby("after_deflate")["mib_per_s"].median()
+    assert medians[True] == pytest.approx(48.0) and medians[False] == pytest.approx(80.0)
+
+
+def test_memory_held_vs_available_aligns_on_samples():
+    samples = samples_frame([{"t": t, "guest": g, "available_memory": 400 * MiB - t * MiB,
+                              "free_memory": 300 * MiB, "actual": 512 * MiB}
+                             for t in range(5) for g in ("a", "b")])
+    events = events_frame([(1.5, "a", "workload", 64 * MiB, 0.2, "alloc 64 MiB"),
+                           (3, "a", "workload", 128 * MiB, 0.2, "alloc 64 MiB"),
+                           (3.5, "a", "target", 256 * MiB)])
+    held = memory_held_vs_available(samples, events)
+    assert held.index.equals(samples.index) and held["guest"].tolist() == samples["guest"].tolist()
+    assert held[held["guest"] == "a"]["held_bytes"].tolist() == [pd.NA, pd.NA, 64 * MiB, 128 * MiB, 128 * MiB]
+    assert held[held["guest"] == "b"]["held_bytes"].isna().all()
+    assert held["available_memory"].iloc[-1] == 396 * MiB
+
+
+def test_summary_per_guest():
+    samples = samples_frame([{"t": 0, "guest": "a", "actual": 512 * MiB, "age_s": 0.5},
+                             {"t": 1, "guest": "a", "actual": 256 * MiB, "age_s": 1.5, "reset": True},
+                             {"t": 2, "guest": "a", "actual": 300 * MiB, "age_s": 0.1},
+                             {"t": 1, "guest": "b"}])
+    events = events_frame([(0, "a", "launch"), (1, "a", "error", None, None, "boom")])
+    table = summary(samples, events)
+    a = table.loc["a"]
+    assert a["samples"] == 3 and a["first"] == at(0) and a["last"] == at(2) and a["resets"] == 1
+    assert a["min_actual"] == 256 * MiB and a["max_actual"] == 512 * MiB
+    assert math.isclose(a["median_age_s"], 0.5) and a["events"] == 2 and a["errors"] == 1
+    assert table.loc["b", "samples"] == 1 and pd.isna(table.loc["b", "min_actual"])

@@ -1,0 +1,92 @@
+"""Plots of synthetic runs: one axes per guest, labelled lines, live updates, PNG output."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+import balloonlab.accessor  # noqa: E402,F401  (registers df.balloon)
+from balloonlab.plotting import plot_memory, save_run_plot, update_memory_plot  # noqa: E402
+
+from .test_analysis import MiB, events_frame, samples_frame  # noqa: E402
+
+LABELS = ["total_memory", "free_memory", "available_memory", "disk_caches", "actual", "target"]
+
+
+def run(seconds: int = 30) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two guests sampled each second: a inflates 512M -> 256M at 5 s, then holds 128M."""
+    rows, events = [], [(0, "a", "launch"), (0, "b", "launch")]
+    for t in range(seconds):
+        actual = 512 * MiB if t < 6 else 256 * MiB
+        held = 0 if t < 12 else 128 * MiB
+        rows.append({"t": t, "guest": "a", "lu": t, "actual": actual,
+                     "target": pd.NA if t < 5 else 256 * MiB, "total_memory": actual - 30 * MiB,
+                     "free_memory": actual - 80 * MiB - held, "available_memory": actual - 60 * MiB - held,
+                     "disk_caches": 20 * MiB, "rss": 300 * MiB + held})
+        rows.append({"t": t, "guest": "b", "lu": t, "actual": 512 * MiB, "total_memory": 480 * MiB,
+                     "free_memory": 400 * MiB, "available_memory": 420 * MiB, "disk_caches": 10 * MiB})
+    events += [(5, "a", "target", 256 * MiB)]
+    events += [(5 + 0.2 * k, "a", "balloon_change", 512 * MiB - 256 * MiB * k // 5) for k in range(1, 6)]
+    events += [(12, "a", "workload", 128 * MiB, 0.8, "alloc 128 MiB"), (20, "b", "reset"),
+               (25, "b", "error", None, None, "guest-stats timed out")]
+    return samples_frame(rows), events_frame(sorted(events, key=lambda e: e[0]))
+
+
+def test_plot_memory_one_axes_per_guest_with_labelled_lines():
+    samples, events = run()
+    fig = plot_memory(samples, events)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["a", "b"]
+    for ax in fig.axes:
+        assert [line.get_label() for line in ax.get_lines()][:6] == LABELS
+    assert fig.axes[0].get_legend() is not None and fig.axes[1].get_legend() is None
+    lines = fig._balloonlab_lines["a"]
+    assert lines["actual"].get_drawstyle() == "steps-post" and lines["target"].get_linestyle() == "--"
+    assert lines["actual"].get_ydata()[-1] == pytest.approx(256.0)  # MiB
+    assert len(lines["balloon_change"].get_xdata()) == 5
+    texts = [t.get_text().strip() for ax in fig.axes for t in ax.texts]
+    assert {"target 256 MiB", "alloc 128 MiB", "reset", "launch"} <= set(texts)
+    assert any(t.startswith("error") for t in texts)
+    assert fig.axes[-1].get_xlabel() == "time (UTC)"
+
+
+def test_plot_memory_guest_selection_window_and_accessor():
+    samples, events = run()
+    fig = plot_memory(samples, events, guests=["b"], window=pd.Timedelta(seconds=10))
+    assert len(fig.axes) == 1 and fig.axes[0].get_title(loc="left") == "b"
+    assert len(fig._balloonlab_lines["b"]["actual"].get_xdata()) == 11  # t = 19..29
+    assert len(samples.balloon.plot(window=5.0).axes) == 2
+    empty = plot_memory(samples.iloc[:0])
+    assert len(empty.axes) == 1
+
+
+def test_update_memory_plot_changes_data_in_place():
+    samples, events = run()
+    fig = plot_memory(samples.iloc[:10], events[events.index <= samples.index[9]])
+    axes = list(fig.axes)
+    actual = fig._balloonlab_lines["a"]["actual"]
+    assert len(actual.get_xdata()) == 5
+    draws = []
+    fig.canvas.draw_idle = lambda *a, **k: draws.append(1)
+    update_memory_plot(fig, samples, events)
+    assert fig.axes == axes and len(draws) == 1
+    assert fig._balloonlab_lines["a"]["actual"] is actual
+    assert len(actual.get_xdata()) == 30 and actual.get_ydata()[-1] == pytest.approx(256.0)
+    low, high = axes[0].get_xlim()
+    assert high >= actual.get_xdata()[-1]  # rescaled to the new data
+    texts = [t.get_text().strip() for t in axes[1].texts]
+    assert "reset" in texts and texts.count("launch") == 1  # markers redrawn, not duplicated
+    with pytest.raises(ValueError, match="plot_memory"):
+        update_memory_plot(Figure(), samples)
+
+
+def test_save_run_plot_writes_png(tmp_path):
+    samples, events = run()
+    path = save_run_plot(samples, events, tmp_path / "plots" / "run.png")
+    assert path == tmp_path / "plots" / "run.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
