@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon-system libvirt-clients libvirt-dev pkg-config chromium
 INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test guest system-packages clean
@@ -27,7 +27,7 @@ system-packages:
 $(INSTALLED): pyproject.toml | system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,libvirt]'
+	$(BIN)/python -m pip install -q -e '.[test,libvirt,notebooks]'
 	touch $@
 
 clean:

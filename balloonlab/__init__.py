@@ -9,6 +9,7 @@ from .builtin import builtin_spec
 from .domain import DomainSpec, MemballoonSpec, load_domain_xml, parse_domain_xml, render_domain_xml
 from .errors import (AgentError, BalloonLabError, BalloonNotFound, CommandError, DomainXMLError,
                      GuestImageError, GuestNameInUse, LaunchError, MonitorError, StatsUnavailable)
+from . import accessor  # registers the df.balloon accessor
 from .guest import BalloonLabWarning, Guest, list_guests
 from .monitor import Monitor, QMPEvent
 from .stats import BalloonStats, format_dommemstat, libvirt_view

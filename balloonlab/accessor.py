@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .analysis import column, guest_names, seconds
+from .analysis import EPOCH, column, conform, guest_names, seconds
 from .stats import _LIBVIRT_ROWS
 
 if TYPE_CHECKING:
@@ -39,9 +39,9 @@ class BalloonAccessor:
     """
 
     def __init__(self, frame: pd.DataFrame) -> None:
-        if "guest" not in frame.columns:
+        if len(frame) and "guest" not in frame.columns:
             raise AttributeError("df.balloon needs a samples frame with a 'guest' column")
-        self._frame = frame
+        self._frame = conform(frame, "samples")
 
     def libvirt(self) -> pd.DataFrame:
         """The frame as ``virsh dommemstat`` would print it, one row per sample.
@@ -58,8 +58,9 @@ class BalloonAccessor:
         out = pd.DataFrame({"guest": f["guest"]}, index=f.index)
         for name, source, divisor in _LIBVIRT_ROWS:
             if source == "last_update":
-                epoch = np.floor(seconds(column(f, source, "datetime64[ns, UTC]")))
-                out[name] = pd.array(np.nan_to_num(epoch, nan=0.0).astype("int64"), dtype="Int64")
+                since = pd.Series(column(f, source, "datetime64[ns, UTC]").array) - EPOCH
+                whole = (since // pd.Timedelta(seconds=1)).to_numpy(dtype=float, na_value=np.nan)
+                out[name] = pd.array(np.nan_to_num(whole, nan=0.0).astype("int64"), dtype="Int64")
             else:
                 out[name] = column(f, source).astype("Int64") // divisor
         return out
@@ -120,7 +121,7 @@ class BalloonAccessor:
         reset = column(s, "reset", "boolean").fillna(False).to_numpy(dtype=bool)
         out = pd.DataFrame({"guest": s["guest"].array}, index=s.index)
         for counter, name in RATE_COLUMNS.items():
-            values = pd.Series(column(s, counter).astype("Float64").to_numpy())
+            values = pd.Series(column(s, counter).to_numpy(dtype=float, na_value=np.nan))
             rise = (values - values.groupby(keys).shift(1)).to_numpy(dtype=float, na_value=np.nan)
             bad = reset | ~(rise >= 0) | ~(dt > 0)
             rate = np.where(bad, np.nan, rise / np.where(dt > 0, dt, 1.0))

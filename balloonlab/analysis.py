@@ -45,6 +45,27 @@ def seconds(values: pd.Series | pd.Index) -> np.ndarray:
     return delta.to_numpy(dtype=float, na_value=np.nan)
 
 
+_REQUIRED = {"samples": {"guest": "category", "actual": "Int64"},
+             "events": {"guest": "category", "kind": "category", "value": "Int64",
+                        "duration_s": "Float64", "detail": "string"}}
+
+
+def conform(frame: pd.DataFrame | None, what: str) -> pd.DataFrame:
+    """``frame`` with the columns the analyses need (all-NA when missing) and, when it has no
+    rows, a UTC ``time`` index: an empty run (``pd.DataFrame()``) then gives empty results.
+
+    :param frame: a samples or events frame, possibly empty or None.
+    :param what: ``"samples"`` or ``"events"``.
+    """
+    frame = pd.DataFrame() if frame is None else frame
+    missing = {name: dtype for name, dtype in _REQUIRED[what].items() if name not in frame.columns}
+    if not missing and (len(frame) or isinstance(frame.index, pd.DatetimeIndex)):
+        return frame
+    if not len(frame) and not isinstance(frame.index, pd.DatetimeIndex):
+        frame = frame.set_axis(pd.DatetimeIndex([], dtype="datetime64[ns, UTC]", name="time"))
+    return frame.assign(**{name: column(frame, name, dtype) for name, dtype in missing.items()})
+
+
 def guest_names(frame: pd.DataFrame) -> list[str]:
     """The guests present in ``frame``, in category order (else order of appearance).
 
@@ -63,6 +84,12 @@ def _of(frame: pd.DataFrame, guest: str, kind: str | None = None) -> pd.DataFram
     if kind is not None:
         mask &= frame["kind"].astype(str) == kind
     return frame[mask.to_numpy()].sort_index(kind="stable")
+
+
+def _window(series: pd.Series, t0: pd.Timestamp, t_end: pd.Timestamp, last: bool) -> pd.Series:
+    """Values after ``t0`` and before the next target at ``t_end`` (up to it if ``last``)."""
+    before_end = (series.index <= t_end) if last else (series.index < t_end)
+    return series[(series.index > t0) & before_end]
 
 
 def step_response(samples: pd.DataFrame, events: pd.DataFrame, *, tolerance_bytes: int = MiB,
@@ -88,6 +115,7 @@ def step_response(samples: pd.DataFrame, events: pd.DataFrame, *, tolerance_byte
     :param tolerance_bytes: how close to the target counts as reached.
     :param settle_s: how long actual must stay still, short of the target, to call it stalled.
     """
+    samples, events = conform(samples, "samples"), conform(events, "events")
     rows: list[dict[str, object]] = []
     for guest in guest_names(events[events["kind"].astype(str) == "target"]):
         targets = _of(events, guest, "target").dropna(subset=["value"])
@@ -102,9 +130,9 @@ def step_response(samples: pd.DataFrame, events: pd.DataFrame, *, tolerance_byte
             t_end = end_of_data if last else times[i + 1]
             before = known[known.index <= t0]
             start = before.iloc[-1] if len(before) else pd.NA
-            path = changes if ((changes.index > t0) & (changes.index < t_end)).any() else polled
-            inside = (path.index > t0) & ((path.index <= t_end) if last else (path.index < t_end))
-            points = list(zip(path.index[inside], path[inside], strict=True))
+            path = _window(changes, t0, t_end, last)
+            path = path if len(path) else _window(polled, t0, t_end, last)
+            points = list(zip(path.index, path, strict=True))
             if start is not pd.NA:
                 points.insert(0, (t0, start))
             rows.append(_one_step(guest, t0, int(target), start, points, t_end,
@@ -154,27 +182,21 @@ def memory_held_vs_available(samples: pd.DataFrame, events: pd.DataFrame) -> pd.
     :returns: index ``time`` (the samples'), columns ``guest``, ``held_bytes``,
         ``available_memory``, ``free_memory``, ``actual``.
     """
-    left = pd.DataFrame({
-        "time": pd.DatetimeIndex(samples.index).as_unit("ns"),
-        "guest": pd.array(samples["guest"].astype(str), dtype="str"),
-        "available_memory": column(samples, "available_memory").to_numpy(),
-        "free_memory": column(samples, "free_memory").to_numpy(),
-        "actual": column(samples, "actual").to_numpy(),
-    })
-    left["_row"] = np.arange(len(left))
+    samples, events = conform(samples, "samples"), conform(events, "events")
+    stats = ["available_memory", "free_memory", "actual"]
+    left = pd.DataFrame({"time": pd.DatetimeIndex(samples.index).as_unit("ns"),
+                         "guest": pd.array(samples["guest"].astype(str), dtype="str"),
+                         **{name: column(samples, name).astype("Int64").array for name in stats},
+                         "_row": np.arange(len(samples))})
     work = events[events["kind"].astype(str) == "workload"]
     right = pd.DataFrame({"time": pd.DatetimeIndex(work.index).as_unit("ns"),
                           "guest": pd.array(work["guest"].astype(str), dtype="str"),
-                          "held_bytes": work["value"].astype("Int64").to_numpy()})
+                          "held_bytes": work["value"].astype("Int64").array})
     merged = pd.merge_asof(left.sort_values("time", kind="stable"),
                            right.sort_values("time", kind="stable"),
                            on="time", by="guest", direction="backward")
-    merged = merged.sort_values("_row").set_index("time")
-    out = merged[["guest", "held_bytes", "available_memory", "free_memory", "actual"]]
-    out = out.astype({"held_bytes": "Int64", "available_memory": "Int64",
-                      "free_memory": "Int64", "actual": "Int64"})
-    out["guest"] = samples["guest"].array
-    return out
+    out = merged.sort_values("_row")[["guest", "held_bytes", *stats]].set_axis(samples.index)
+    return out.assign(guest=samples["guest"].array)
 
 
 def _detail_bytes(detail: object) -> float:
@@ -218,6 +240,7 @@ def retouch_cost(events: pd.DataFrame) -> pd.DataFrame:
         ``duration_s``, ``mib_per_s``, ``after_deflate`` (bool), ``deflate_time`` (the
         deflate's target event, NaT when none) and ``since_deflate_s``.
     """
+    events = conform(events, "events")
     parts: list[pd.DataFrame] = []
     for guest in guest_names(events):
         work = _of(events, guest, "workload")
@@ -230,12 +253,10 @@ def retouch_cost(events: pd.DataFrame) -> pd.DataFrame:
         alloc_bytes = named.fillna(held_rise.where(held_rise > 0))[allocs]
         directions = _target_directions(events, guest)
         times = work.index[allocs]
-        pos = directions.index.searchsorted(times, side="left") - 1  # last target strictly before
-        latest = np.where(pos >= 0, directions.to_numpy()[np.maximum(pos, 0)], 0) \
-            if len(directions) else np.zeros(len(times), dtype=int)
-        when = pd.Series(directions.index[np.maximum(pos, 0)] if len(directions) else
-                         pd.NaT, index=times, dtype=work.index.dtype)
-        after = latest == 1
+        pos = directions.index.searchsorted(times, side="left") - 1  # last moving target before
+        after = np.append(directions.to_numpy(dtype=int), 0)[pos] == 1  # pos -1: none before
+        when = pd.Series(pd.NaT, index=range(len(times)), dtype=work.index.dtype)
+        when[after] = directions.index[pos[after]]
         duration = work["duration_s"].astype("Float64")[allocs]
         parts.append(pd.DataFrame({
             "time": times, "guest": guest, "detail": detail[allocs].to_numpy(),
@@ -244,7 +265,7 @@ def retouch_cost(events: pd.DataFrame) -> pd.DataFrame:
             "duration_s": duration.to_numpy(),
             "mib_per_s": (alloc_bytes / MiB / duration.where(duration > 0)).to_numpy(),
             "after_deflate": after,
-            "deflate_time": when.where(after).array,
+            "deflate_time": when.array,
         }))
     cols = ["time", "guest", "detail", "alloc_bytes", "held_bytes", "duration_s", "mib_per_s",
             "after_deflate", "deflate_time"]
@@ -268,22 +289,22 @@ def summary(samples: pd.DataFrame, events: pd.DataFrame | None = None) -> pd.Dat
         ``resets`` (rows flagged ``reset``), ``min_actual``, ``max_actual`` (bytes),
         ``median_age_s`` (median seconds between the guest's report and the read).
     """
+    samples = conform(samples, "samples")
+    events = None if events is None else conform(events, "events")
     rows = []
     for guest in guest_names(samples):
         s = _of(samples, guest)
-        actual = column(s, "actual").dropna()
+        actual = column(s, "actual").astype("Float64")
         row = {"guest": guest, "samples": len(s), "first": s.index.min(), "last": s.index.max(),
                "resets": int(column(s, "reset", "boolean").fillna(False).sum()),
-               "min_actual": actual.min() if len(actual) else pd.NA,
-               "max_actual": actual.max() if len(actual) else pd.NA,
+               "min_actual": actual.min(), "max_actual": actual.max(),
                "median_age_s": column(s, "age_s", "Float64").median()}
         if events is not None:
-            e = events[events["guest"].astype(str) == guest]
-            row["events"] = len(e)
-            row["errors"] = int((e["kind"].astype(str) == "error").sum())
+            kinds = events["kind"].astype(str)[(events["guest"].astype(str) == guest).to_numpy()]
+            row.update(events=len(kinds), errors=int((kinds == "error").sum()))
         rows.append(row)
+    extra = ["events", "errors"] if events is not None else []
     out = pd.DataFrame(rows, columns=["guest", "samples", "first", "last", "resets", "min_actual",
-                                      "max_actual", "median_age_s"]
-                       + (["events", "errors"] if events is not None else []))
+                                      "max_actual", "median_age_s", *extra])
     return out.astype({"min_actual": "Int64", "max_actual": "Int64",
                        "median_age_s": "Float64"}).set_index("guest")

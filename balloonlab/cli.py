@@ -12,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from .errors import BalloonLabError
+from .experiment import Experiment, Schedule
+from .store import Run
 from .units import format_size
 
 
@@ -49,47 +53,96 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats_row(stats, elapsed: float) -> str:  # type: ignore[no-untyped-def]
-    s = stats.stats
-    return (f"{elapsed:6.1f}s  total {format_size(s.get('total_memory')):>10}  "
-            f"free {format_size(s.get('free_memory')):>10}  avail {format_size(s.get('available_memory')):>10}  "
-            f"actual {format_size(stats.actual):>10}  age {stats.age_s if stats.age_s is not None else float('nan'):4.1f}s")
-
-
-async def _demo(args: argparse.Namespace) -> None:
+def demo_experiment(run_root: str | Path = "runs", duration_s: float = 62.0) -> Experiment:
+    """The main job: the built-in guest under a workload ramp and balloon steps, ~1 minute."""
     from .builtin import builtin_spec
-    from .guest import Guest
-    spec = builtin_spec("balloonlab-demo", memory="512M", period_s=1)
-    t0 = time.monotonic()
-    async with await Guest.launch(spec) as guest:
-        print(f"launched {guest.name} (pid {guest.pid}) in {time.monotonic() - t0:.1f} s; "
-              f"balloon at {await guest.balloon.path()}, period {await guest.balloon.get_period()} s")
-        first = await guest.balloon.wait_for_stats(30)
-        print(_stats_row(first, time.monotonic() - t0))
-        for label, action in (("allocate 128M in the guest", lambda: guest.workload.alloc("128M")),
-                              ("inflate the balloon to 256M", lambda: guest.balloon.set_target("256M")),
-                              ("deflate back to 512M", lambda: guest.balloon.set_target("512M")),
-                              ("free the guest's memory", lambda: guest.workload.free())):
-            print(f"-- {label}")
-            await action()
-            if "balloon" in label:
-                result = await guest.balloon.wait_for_actual(timeout_s=30)
-                print(f"   actual {format_size(result.final_actual)} after {result.elapsed_s:.1f} s "
-                      f"({'reached' if result.reached else 'stalled'})")
-            end = time.monotonic() + args.step_s
-            while time.monotonic() < end:
-                await asyncio.sleep(1)
-                stats = await guest.read_stats()
-                if stats.new:
-                    print(_stats_row(stats, time.monotonic() - t0))
-        print("-- the same numbers as virsh dommemstat prints them:")
-        for name, value in (await guest.libvirt_stats()).items():
-            print(f"   {name} {value}")
-    print("guest shut down")
+    balloon = Schedule.from_list([(0, "512M"), (10, "384M"), (20, "288M"), (32, "512M"),
+                                  (44, "320M"), (54, "512M")])
+    workload = Schedule.from_list([(0, 0), (4, "40M"), (8, "80M"), (12, "120M"), (16, "160M"),
+                                   (40, 0), (48, "128M"), (58, 0)], kind="workload")
+    return Experiment([builtin_spec("balloonlab-demo", memory="512M", period_s=1)], duration_s=duration_s,
+                      balloon=balloon, workload=workload, run_root=run_root, name="demo")
+
+
+def _progress_bar(fraction: float, message: str) -> None:
+    width = 40
+    filled = int(width * fraction)
+    end = "\n" if fraction >= 1.0 else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} {message}", end=end, flush=True)
+
+
+def print_summary(run: Run) -> None:
+    """The summary table of a run: samples per guest and the balloon's step responses."""
+    from .analysis import step_response
+    samples, events = run.samples, run.events
+    for guest, rows in samples.groupby("guest", observed=True):
+        resets = int(rows["reset"].sum())
+        print(f"guest {guest}: {len(rows)} samples over {(rows.index[-1] - rows.index[0]).total_seconds():.0f} s, "
+              f"{resets} resets, median age {rows['age_s'].median():.2f} s")
+    steps = step_response(samples, events)
+    if len(steps):
+        print(f"\n{'at':>6} {'direction':9} {'from':>9} {'target':>9} {'reached':>7} {'time_s':>7} {'MiB/s':>7}")
+        t0 = samples.index[0]
+        for _, r in steps.iterrows():
+            took = r["time_to_target_s"]
+            rate = r["rate_mib_per_s"]
+            print(f"{(r['time'] - t0).total_seconds():6.1f} {r['direction']:9} {format_size(r['start_actual']):>9} "
+                  f"{format_size(r['target']):>9} {('yes' if r['reached'] else 'no'):>7} "
+                  f"{'-' if pd.isna(took) else f'{took:.2f}':>7} {'-' if pd.isna(rate) else f'{rate:.0f}':>7}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    asyncio.run(_demo(args))
+    experiment = demo_experiment(args.runs, args.duration)
+    print(f"balloonlab demo: built-in guest, 1 s stats, workload ramp + balloon steps for "
+          f"{experiment.duration_s:.0f} s")
+    run = asyncio.run(experiment.run(progress=_progress_bar))
+    print_summary(run)
+    print(f"\nrun folder: {run.path}\nplot:       {run.plot_path}")
+    return 0
+
+
+async def _record(args: argparse.Namespace) -> Run:
+    from .guest import Guest
+    from .sampler import Sampler
+    from .store import load_run, new_run_dir
+    guest = await Guest.attach(args.qmp, args.domain_xml)
+    run_dir = Path(args.out) if args.out else new_run_dir(args.runs, guest.name)
+    sampler = Sampler(run_dir=run_dir)
+    try:
+        async with sampler:
+            await sampler.add(guest)
+            print(f"recording {guest.name} into {run_dir} (Ctrl-C to stop)", flush=True)
+            end = time.monotonic() + args.duration if args.duration else None
+            while end is None or time.monotonic() < end:
+                await asyncio.sleep(1)
+                state = sampler.states()[guest.name]
+                print(f"\r{state.samples} samples ({state.state})", end="", flush=True)
+                if state.state == "dead":
+                    break
+    finally:
+        await guest.close()
+        print()
+    run = load_run(run_dir)
+    if len(run.samples):
+        from .plotting import save_run_plot
+        save_run_plot(run.samples, run.events, run.plot_path)
+    return run
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    run = asyncio.run(_record(args))
+    print(f"run folder: {run.path} ({len(run.samples)} samples)")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import save_run_plot
+    from .store import load_run
+    run = load_run(args.run)
+    if not len(run.samples):
+        raise BalloonLabError(f"run {args.run} has no samples to plot")
+    path = save_run_plot(run.samples, run.events, args.out or run.plot_path)
+    print(path)
     return 0
 
 
@@ -103,9 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--modules-dir", type=Path, help="lib/modules/<version> of that kernel")
     build.add_argument("--rebuild", action="store_true", help="rebuild even when cached")
     build.set_defaults(func=_cmd_guest_build)
-    demo = sub.add_parser("demo", help="boot the built-in guest and show its balloon at work")
-    demo.add_argument("--step-s", type=float, default=4.0, help="seconds to watch after each step")
+    demo = sub.add_parser("demo", help="a one-minute balloon experiment on the built-in guest")
+    demo.add_argument("--duration", type=float, default=62.0, help="seconds to run (default 62)")
+    demo.add_argument("--runs", default="runs", help="folder for run folders (default ./runs)")
     demo.set_defaults(func=_cmd_demo)
+    record = sub.add_parser("record", help="record a running QEMU through its QMP socket")
+    record.add_argument("--qmp", required=True, help="QEMU's QMP unix socket")
+    record.add_argument("--domain-xml", help="its libvirt domain XML (sets the stats period if running)")
+    record.add_argument("--duration", type=float, help="seconds to record (default: until Ctrl-C)")
+    record.add_argument("--out", help="run folder (default: runs/<time>-<name>)")
+    record.add_argument("--runs", default="runs", help="folder for run folders (default ./runs)")
+    record.set_defaults(func=_cmd_record)
+    plot = sub.add_parser("plot", help="redraw a run's PNG")
+    plot.add_argument("run", help="a run folder")
+    plot.add_argument("--out", help="PNG path (default: RUN/plot.png)")
+    plot.set_defaults(func=_cmd_plot)
     sub.add_parser("list", help="guests balloonlab launched that still run").set_defaults(func=_cmd_list)
     stop = sub.add_parser("stop", help="stop a running (e.g. detached) guest by name")
     stop.add_argument("name")

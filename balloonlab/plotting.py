@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
-from .analysis import column, guest_names
+from .analysis import column, conform, guest_names
 from .units import format_size
 
 MiB = 1 << 20
@@ -38,8 +38,10 @@ LINES: dict[str, dict[str, object]] = {
 #: Event kinds marked with a vertical line and a short label, and their colours.
 EVENT_COLORS: dict[str, str] = {"target": "tab:red", "workload": "tab:purple", "reset": "black",
                                 "launch": "tab:green", "shutdown": "dimgray", "error": "crimson"}
-#: Above this many marked events in one axes only the lines are drawn, not the labels.
+#: Above this many marked events in one axes, target and workload events are drawn as short
+#: unlabelled ticks at the bottom; the rare kinds below keep full lines (and labels, if few).
 MAX_LABELS = 30
+RARE = ("reset", "launch", "shutdown", "error")
 
 
 def _cut(frame: pd.DataFrame | None, since: pd.Timestamp | None) -> pd.DataFrame | None:
@@ -108,13 +110,16 @@ def _fill(ax: Axes, lines: dict[str, Line2D], s: pd.DataFrame, ev: pd.DataFrame 
     changes = ev[(kinds == "balloon_change").to_numpy()]
     lines["balloon_change"].set_data(_x(changes.index), _mib(changes["value"]))
     marked = ev[kinds.isin(list(EVENT_COLORS)).to_numpy()]
+    crowded = len(marked) > MAX_LABELS  # then frequent kinds become short ticks at the bottom
+    rare = int(marked["kind"].astype(str).isin(RARE).sum())
     trans = offset_copy(blended_transform_factory(ax.transData, ax.transAxes), ax.figure,
                         x=1.5, units="points")  # labels just right of their line
     for t, kind, value, detail in zip(_x(marked.index), marked["kind"].astype(str),
                                       marked["value"], column(marked, "detail", "string"),
                                       strict=True):
-        artists.append(ax.axvline(t, **_event_style(kind)))
-        if len(marked) <= MAX_LABELS:
+        full = not crowded or kind in RARE
+        artists.append(ax.axvline(t, ymax=1.0 if full else 0.04, **_event_style(kind)))
+        if full and (not crowded or rare <= MAX_LABELS):
             artists.append(ax.text(t, 0.98, _event_label(kind, value, detail), transform=trans,
                                    rotation=90, va="top", ha="left", fontsize=7,
                                    color=EVENT_COLORS[kind], clip_on=True,
@@ -143,6 +148,8 @@ def plot_memory(samples: pd.DataFrame, events: pd.DataFrame | None = None, *,
     :param fig: draw into this figure (cleared first), e.g. an ipympl canvas's figure.
     :returns: the figure (never shown here).
     """
+    samples = conform(samples, "samples")
+    events = None if events is None else conform(events, "events")
     if guests is None:
         guests = guest_names(samples)
         guests += [g for g in (guest_names(events) if events is not None else []) if g not in guests]
@@ -194,6 +201,8 @@ def update_memory_plot(fig: Figure, samples: pd.DataFrame, events: pd.DataFrame 
     """
     if not hasattr(fig, "_balloonlab_lines"):
         raise ValueError("update_memory_plot needs a figure made by plot_memory")
+    samples = conform(samples, "samples")
+    events = None if events is None else conform(events, "events")
     since = _since(samples, events, fig._balloonlab_window)
     shown, shown_events = _cut(samples, since), _cut(events, since)
     for guest, lines in fig._balloonlab_lines.items():

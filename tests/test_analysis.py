@@ -23,10 +23,11 @@ def at(seconds: float) -> pd.Timestamp:
     return T0 + pd.Timedelta(seconds=seconds)
 
 
-def samples_frame(rows: list[dict], *, drop: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> pd.DataFrame:
+def samples_frame(rows: list[dict], *, drop: tuple[str, ...] = (),
+                  extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """A samples frame as the sampler writes it. Each row: ``t`` (s after T0), ``guest``,
     ``lu`` (last_update, s after T0, None for NaT) and any stat; missing values are NA."""
-    index = pd.DatetimeIndex([at(r["t"]) for r in rows], name="time").as_unit("ns")
+    index = pd.DatetimeIndex([at(r["t"]) for r in rows], name="time", dtype="datetime64[ns, UTC]")
     data: dict[str, object] = {
         "guest": pd.Categorical([r["guest"] for r in rows]),
         "last_update": pd.array([at(r["lu"]) if r.get("lu") is not None else pd.NaT for r in rows],
@@ -153,7 +154,8 @@ def test_step_response_inflate_stall_deflate_and_polled_only():
     assert inflate["rate_mib_per_s"] == pytest.approx(256.0)
     deflate = result.iloc[1]
     assert deflate["direction"] == "deflate" and deflate["start_actual"] == 256 * MiB
-    assert deflate["time_to_target_s"] == pytest.approx(0.5) and deflate["rate_mib_per_s"] == pytest.approx(512.0)
+    assert deflate["time_to_target_s"] == pytest.approx(0.5)
+    assert deflate["rate_mib_per_s"] == pytest.approx(512.0)
     stalled = result.iloc[2]
     assert stalled["final_actual"] == 300 * MiB and not stalled["reached"] and stalled["stalled"]
     assert pd.isna(stalled["time_to_target_s"])
@@ -168,6 +170,12 @@ def test_step_response_not_stalled_while_still_moving_or_too_short():
     result = step_response(samples, events, settle_s=60.0)
     assert not result.iloc[2]["stalled"]  # still for 8.4 s, not 60 s
     assert step_response(samples.iloc[:0], events.iloc[:0]).empty
+    # The last balloon_change is the guest's last record: it still counts.
+    last = step_response(samples_frame([{"t": 0, "guest": "a", "actual": 512 * MiB}]),
+                         events_frame([(1, "a", "target", 256 * MiB),
+                                       (1.5, "a", "balloon_change", 384 * MiB),
+                                       (2, "a", "balloon_change", 256 * MiB)])).iloc[0]
+    assert last["reached"] and last["time_to_target_s"] == pytest.approx(1.0)
 
 
 def test_retouch_cost_classifies_allocations_after_deflate():
