@@ -64,11 +64,22 @@ def demo_experiment(run_root: str | Path = "runs", duration_s: float = 62.0) -> 
                       balloon=balloon, workload=workload, run_root=run_root, name="demo")
 
 
-def _progress_bar(fraction: float, message: str) -> None:
-    width = 40
-    filled = int(width * fraction)
-    end = "\n" if fraction >= 1.0 else ""
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} {message}", end=end, flush=True)
+class _ProgressBar:
+    """A one-line bar on a terminal; a line per 10% when output goes to a file or CI log."""
+
+    def __init__(self, width: int = 40) -> None:
+        self.width = width
+        self.tty = sys.stdout.isatty()
+        self.shown = -1
+
+    def __call__(self, fraction: float, message: str) -> None:
+        filled = int(self.width * fraction)
+        bar = f"[{'#' * filled}{'.' * (self.width - filled)}] {fraction:4.0%} {message}"
+        if self.tty:
+            print("\r" + bar, end="\n" if fraction >= 1.0 else "", flush=True)
+        elif int(fraction * 10) > self.shown:
+            self.shown = int(fraction * 10)
+            print(bar, flush=True)
 
 
 def print_summary(run: Run) -> None:
@@ -86,7 +97,7 @@ def print_summary(run: Run) -> None:
         for _, r in steps.iterrows():
             took = r["time_to_target_s"]
             rate = r["rate_mib_per_s"]
-            print(f"{(r['time'] - t0).total_seconds():6.1f} {r['direction']:9} {format_size(r['start_actual']):>9} "
+            print(f"{(r['time'] - t0).total_seconds():6.1f} {(r['direction'] if isinstance(r['direction'], str) else '-'):9} {format_size(r['start_actual']):>9} "
                   f"{format_size(r['target']):>9} {('yes' if r['reached'] else 'no'):>7} "
                   f"{'-' if pd.isna(took) else f'{took:.2f}':>7} {'-' if pd.isna(rate) else f'{rate:.0f}':>7}")
 
@@ -95,7 +106,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     experiment = demo_experiment(args.runs, args.duration)
     print(f"balloonlab demo: built-in guest, 1 s stats, workload ramp + balloon steps for "
           f"{experiment.duration_s:.0f} s")
-    run = asyncio.run(experiment.run(progress=_progress_bar))
+    run = asyncio.run(experiment.run(progress=_ProgressBar()))
     print_summary(run)
     print(f"\nrun folder: {run.path}\nplot:       {run.plot_path}")
     return 0

@@ -63,11 +63,14 @@ def parse_size(value: int | str, default_unit: str = "b") -> int:
     return int(number) * factor
 
 
-def format_size(nbytes: int | None) -> str:
-    """Format bytes for people with binary units: ``268435456`` -> ``"256 MiB"``."""
-    if nbytes is None:
+def format_size(nbytes: object) -> str:
+    """Format bytes for people with binary units: ``268435456`` -> ``"256 MiB"``; NA as "NA"."""
+    try:
+        value = float(nbytes)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "NA"  # None, pandas.NA
+    if value != value:
         return "NA"
-    value = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
             return f"{value:.0f} {unit}" if unit == "B" or value == int(value) else f"{value:.1f} {unit}"
