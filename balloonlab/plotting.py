@@ -97,6 +97,15 @@ def _event_style(kind: str) -> dict[str, object]:
             "ls": ":" if kind in ("target", "workload") else "-"}
 
 
+def _stepped(sampled: pd.Series, moves: pd.Series, index: pd.Index) -> pd.Series | None:
+    """A step series from event values, starting at the first sample, ending at the last."""
+    if not len(moves) or not len(index):
+        return None
+    head = sampled[sampled.index < moves.index[0]].iloc[:1].astype(moves.dtype)
+    tail = pd.Series([moves.iloc[-1]], index=index[-1:], dtype=moves.dtype)
+    return pd.concat([head, moves, tail[tail.index > moves.index[-1]]])
+
+
 def _fill(ax: Axes, lines: dict[str, Line2D], s: pd.DataFrame, ev: pd.DataFrame | None) -> list[Artist]:
     """Put one guest's data into its lines and draw its event markers (returned)."""
     x = _x(s.index)
@@ -109,6 +118,12 @@ def _fill(ax: Axes, lines: dict[str, Line2D], s: pd.DataFrame, ev: pd.DataFrame 
     kinds = ev["kind"].astype(str)
     changes = ev[(kinds == "balloon_change").to_numpy()]
     lines["balloon_change"].set_data(_x(changes.index), _mib(changes["value"]))
+    # Events say exactly when `actual` and `target` moved; a sample only sees what had been
+    # delivered by its read (QEMU rate-limits BALLOON_CHANGE). Draw those lines from events.
+    for name, kind in (("actual", "balloon_change"), ("target", "target")):
+        stepped = _stepped(column(s, name), ev[(kinds == kind).to_numpy()]["value"], s.index)
+        if stepped is not None:
+            lines[name].set_data(_x(stepped.index), _mib(stepped))
     marked = ev[kinds.isin(list(EVENT_COLORS)).to_numpy()]
     crowded = len(marked) > MAX_LABELS  # then frequent kinds become short ticks at the bottom
     rare = int(marked["kind"].astype(str).isin(RARE).sum())

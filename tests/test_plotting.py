@@ -70,13 +70,14 @@ def test_update_memory_plot_changes_data_in_place():
     fig = plot_memory(samples.iloc[:10], events[events.index <= samples.index[9]])
     axes = list(fig.axes)
     actual = fig._balloonlab_lines["a"]["actual"]
-    assert len(actual.get_xdata()) == 5
+    free = fig._balloonlab_lines["a"]["free_memory"]
+    assert len(free.get_xdata()) == 5
     draws = []
     fig.canvas.draw_idle = lambda *a, **k: draws.append(1)
     update_memory_plot(fig, samples, events)
     assert fig.axes == axes and len(draws) == 1
     assert fig._balloonlab_lines["a"]["actual"] is actual
-    assert len(actual.get_xdata()) == 30 and actual.get_ydata()[-1] == pytest.approx(256.0)
+    assert len(free.get_xdata()) == 30 and actual.get_ydata()[-1] == pytest.approx(256.0)
     low, high = axes[0].get_xlim()
     assert high >= actual.get_xdata()[-1]  # rescaled to the new data
     texts = [t.get_text().strip() for t in axes[1].texts]
