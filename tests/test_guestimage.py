@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from balloonlab import _kmod, guestimage
+from balloonlab import _kmod, guestimage, kernel
 from balloonlab._cpio import CpioWriter, gzip_bytes
 from balloonlab.errors import GuestImageError
-from balloonlab.guestimage import GuestImage, acquire_kernel, build_guest_image, find_guest_image
+from balloonlab.guestimage import GuestImage, build_guest_image, find_guest_image
+from balloonlab.kernel import KernelInfo, acquire_kernel
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 QEMU = shutil.which("qemu-system-x86_64")
@@ -39,7 +40,7 @@ def image() -> GuestImage:
 
 
 @pytest.fixture(scope="module")
-def kernel_info(image: GuestImage) -> guestimage.KernelInfo:
+def kernel_info(image: GuestImage) -> KernelInfo:
     return acquire_kernel()
 
 
@@ -126,7 +127,7 @@ def _raw_modinfo_field(data: bytes, key: str) -> str:
     return data[start:data.index(b"\0", start)].decode()
 
 
-def test_kmod_reads_real_virtio_balloon(kernel_info: guestimage.KernelInfo) -> None:
+def test_kmod_reads_real_virtio_balloon(kernel_info: KernelInfo) -> None:
     assert kernel_info.modules_dir is not None
     path = kernel_info.modules_dir / "kernel/drivers/virtio/virtio_balloon.ko"
     info = _kmod.read_module(path)
@@ -138,7 +139,7 @@ def test_kmod_reads_real_virtio_balloon(kernel_info: guestimage.KernelInfo) -> N
     assert {"virtio", "virtio_ring", "virtio_pci_modern_dev"} <= set(pci.depends)
 
 
-def test_kmod_reads_compressed_modules(kernel_info: guestimage.KernelInfo, tmp_path: Path,
+def test_kmod_reads_compressed_modules(kernel_info: KernelInfo, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernel_info.modules_dir is not None
     src = kernel_info.modules_dir / "kernel/drivers/virtio/virtio_balloon.ko"
@@ -156,7 +157,7 @@ def test_kmod_reads_compressed_modules(kernel_info: guestimage.KernelInfo, tmp_p
             _kmod.read_module(tmp_path / "virtio_balloon.ko.zst")
 
 
-def test_load_order_puts_dependencies_first(image: GuestImage, kernel_info: guestimage.KernelInfo) -> None:
+def test_load_order_puts_dependencies_first(image: GuestImage, kernel_info: KernelInfo) -> None:
     print("module order:", ", ".join(image.modules))
     assert {"virtio_pci", "virtio_balloon"} <= set(image.modules)
     assert "virtio_mmio" not in image.modules
@@ -212,7 +213,7 @@ def test_image_from_debian_package(image: GuestImage) -> None:
     assert image.kernel_source.startswith("debian-package:linux-image-")
     assert image.kernel_source.endswith("-cloud-amd64")
     assert image.cmdline == "console=ttyS0 quiet panic=1"
-    assert image.kernel_version == guestimage.kernel_release(image.kernel)
+    assert image.kernel_version == kernel.kernel_release(image.kernel)
     assert image.kernel.stat().st_size > 5 * MiB and image.initrd.stat().st_size > 500_000
     assert image.initrd.parent.name == image.key and len(image.key) == 64
     manifest = json.loads((image.initrd.parent / "manifest.json").read_text())
@@ -224,7 +225,7 @@ def test_image_from_debian_package(image: GuestImage) -> None:
     assert find_guest_image() is not None
 
 
-def test_cache_hit_and_key_changes(image: GuestImage, kernel_info: guestimage.KernelInfo,
+def test_cache_hit_and_key_changes(image: GuestImage, kernel_info: KernelInfo,
                                    tmp_path: Path) -> None:
     files = [image.kernel, image.initrd, image.initrd.parent / "manifest.json"]
     before = [f.stat().st_mtime_ns for f in files]
@@ -258,7 +259,7 @@ def test_cache_hit_and_key_changes(image: GuestImage, kernel_info: guestimage.Ke
     assert guestimage.guest_image(cache_dir=cache).key == rebuilt.key
 
 
-def test_busybox_must_be_static(kernel_info: guestimage.KernelInfo, tmp_path: Path) -> None:
+def test_busybox_must_be_static(kernel_info: KernelInfo, tmp_path: Path) -> None:
     dynamic = Path("/bin/ls").resolve()
     with pytest.raises(GuestImageError, match="dynamically linked.*busybox-static"):
         build_guest_image(kernel=kernel_info.kernel, modules_dir=kernel_info.modules_dir,
@@ -273,13 +274,13 @@ def test_busybox_must_be_static(kernel_info: guestimage.KernelInfo, tmp_path: Pa
                           busybox=tmp_path / "missing", cache_dir=tmp_path)
 
 
-def test_kernel_errors(kernel_info: guestimage.KernelInfo, tmp_path: Path,
+def test_kernel_errors(kernel_info: KernelInfo, tmp_path: Path,
                        monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "no-such-vmlinuz"
     with pytest.raises(GuestImageError, match=f"kernel {missing} does not exist"):
         build_guest_image(kernel=missing, cache_dir=tmp_path)
     # A kernel alone in a directory, with no modules anywhere near it.
-    monkeypatch.setattr(guestimage, "HOST_MODULES_ROOT", tmp_path / "empty")
+    monkeypatch.setattr(kernel, "HOST_MODULES_ROOT", tmp_path / "empty")
     lonely = tmp_path / "alone" / "vmlinuz"
     lonely.parent.mkdir()
     shutil.copy(kernel_info.kernel, lonely)
@@ -290,9 +291,9 @@ def test_kernel_errors(kernel_info: guestimage.KernelInfo, tmp_path: Path,
     assert found.modules_dir == kernel_info.modules_dir and found.source == "explicit"
 
 
-def test_no_apt_gives_instructions(kernel_info: guestimage.KernelInfo, tmp_path: Path,
+def test_no_apt_gives_instructions(kernel_info: KernelInfo, tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(guestimage, "HOST_BOOT_DIR", tmp_path / "boot")
+    monkeypatch.setattr(kernel, "HOST_BOOT_DIR", tmp_path / "boot")
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no apt-cache, no apt-get
     with pytest.raises(GuestImageError, match="apt-cache is not installed.*--kernel"):
         acquire_kernel(cache_dir=tmp_path / "cache")
@@ -458,7 +459,7 @@ def test_boot_without_balloon_driver_and_reboot(image: GuestImage) -> None:
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb to compare with")
-def test_deb_unpacked_in_python_matches_dpkg(kernel_info: guestimage.KernelInfo, tmp_path: Path) -> None:
+def test_deb_unpacked_in_python_matches_dpkg(kernel_info: KernelInfo, tmp_path: Path) -> None:
     pkg = kernel_info.source.split(":", 1)[1]
     deb = next((kernel_info.kernel.parents[2]).glob(f"{pkg}_*.deb"))
     # A cache holding only the .deb: the kernel is unpacked again without any download.
@@ -478,15 +479,15 @@ def test_deb_unpacked_in_python_matches_dpkg(kernel_info: guestimage.KernelInfo,
         assert (ours / rel).read_bytes() == (tmp_path / "dpkg" / rel).read_bytes(), rel
 
 
-def test_host_kernel_is_preferred_when_readable(kernel_info: guestimage.KernelInfo, tmp_path: Path,
+def test_host_kernel_is_preferred_when_readable(kernel_info: KernelInfo, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernel_info.modules_dir is not None
     release = os.uname().release
     (tmp_path / "boot").mkdir()
     (tmp_path / "modules").mkdir()
     (tmp_path / "boot" / f"vmlinuz-{release}").symlink_to(kernel_info.kernel)
-    monkeypatch.setattr(guestimage, "HOST_BOOT_DIR", tmp_path / "boot")
-    monkeypatch.setattr(guestimage, "HOST_MODULES_ROOT", tmp_path / "modules")
+    monkeypatch.setattr(kernel, "HOST_BOOT_DIR", tmp_path / "boot")
+    monkeypatch.setattr(kernel, "HOST_MODULES_ROOT", tmp_path / "modules")
     # Modules dir without a balloon driver: not usable, so the Debian kernel is taken.
     (tmp_path / "modules" / release).mkdir()
     lines: list[str] = []
