@@ -131,11 +131,17 @@ class Workload:
         if nbytes <= 0:
             raise ValueError(f"allocation size must be above 0, got {size!r}")
         started = time.monotonic()
+        before = self.held
         try:
             for chunk in _split(nbytes):
                 chunk_id = f"c{next(self._ids)}"
                 await self._request("alloc", chunk_id, chunk, timeout_s=120.0)
                 self._chunks.append((chunk_id, chunk))
+            # Under pressure the guest's OOM killer may take earlier holders while new ones
+            # succeed: check what is really held before saying the memory is there.
+            if await self.sync():
+                raise AgentError(f"the guest's OOM killer took memory during this allocation: it holds "
+                                 f"{format_size(self.held)} now, not {format_size(before + nbytes)}")
         finally:
             self._notify(f"alloc {format_size(nbytes)}", started)
         return self.held
@@ -157,7 +163,7 @@ class Workload:
         """Make the agent hold ``size`` bytes, allocating or freeing the difference."""
         target = parse_size(size)
         started = time.monotonic()
-        changed = False
+        changed = await self.sync()
         while self._chunks and self.held - self._chunks[-1][1] >= target:
             chunk_id, _ = self._chunks[-1]
             await self._request("free", chunk_id)
@@ -173,6 +179,18 @@ class Workload:
         elif changed:
             self._notify(f"hold {format_size(target)}", started)
         return self.held
+
+    async def sync(self) -> bool:
+        """Forget chunks the guest no longer holds (the OOM killer may have taken them).
+
+        :returns: True when something was forgotten.
+        """
+        data = await self._request("list")
+        alive = {item.split(":")[0] for item in data.split(",") if item}
+        kept = [(cid, size) for cid, size in self._chunks if cid in alive]
+        lost = len(kept) != len(self._chunks)
+        self._chunks = kept
+        return lost
 
     async def run_pattern(self, pattern: Iterable[tuple[float, int]]) -> None:
         """Follow a schedule of ``(seconds from start, bytes to hold)`` steps."""

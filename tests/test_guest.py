@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from balloonlab import (DomainXMLError, Guest, GuestNameInUse, LaunchError, SyncGuest, list_guests,
+from balloonlab import (AgentError, DomainXMLError, Guest, GuestNameInUse, LaunchError, SyncGuest, list_guests,
                         parse_domain_xml)
 from balloonlab import runtime
 
@@ -175,3 +175,15 @@ def test_domain_xml_of_builtin_guest_round_trips(builtin_ready, spec):
     s = spec(memory="384M", period_s=5)
     again = parse_domain_xml(s.xml)
     assert again.memory_bytes == 384 * MiB and again.period_s == 5 and again.agent
+
+
+async def test_workload_forgets_memory_the_oom_killer_took(spec):
+    async with await Guest.launch(spec(memory="256M")) as guest:
+        await guest.workload.alloc("96M")
+        # Far more than the guest has: the OOM killer takes holders (dd children, never the agent).
+        with pytest.raises(AgentError, match="OOM killer took memory"):
+            await guest.workload.alloc("400M")
+        listed = await guest.workload._request("list")
+        in_guest = sum(int(item.split(":")[1]) for item in listed.split(",") if item)
+        assert guest.workload.held == in_guest < 400 * MiB  # what the host believes = the truth
+        await guest.workload.ping()  # the agent itself survived
