@@ -7,6 +7,7 @@ human-readable summary and :func:`write_json` (with :func:`environment`) for the
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -14,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+import time as time_module
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,59 @@ def environment(qemu_binary: str = "qemu-system-x86_64") -> dict[str, Any]:
         "git_dirty": bool(dirty) if dirty is not None else None,
         "argv": sys.argv,
     }
+
+
+# -- processes: CPU time, affinity, limits (Linux) ---------------------------------------------
+
+def process_cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads, exited ones included) of a process, in seconds.
+
+    Read from the kernel's per-process CPU clock (nanosecond resolution); falls back to
+    utime + stime of ``/proc/<pid>/stat`` (clock-tick resolution). ``None``: this process.
+
+    :raises OSError: no such process.
+    """
+    if pid is None or pid == os.getpid():
+        return time_module.process_time()
+    try:
+        return time_module.clock_gettime(((~pid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    except OSError:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin_process(pid: int, cpus: set[int]) -> bool:
+    """Pin every thread of ``pid`` to ``cpus`` (threads created later inherit from their creator).
+
+    Returns False when it could not (no such CPU, not permitted); never raises.
+    """
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(task), cpus)
+        return True
+    except OSError:
+        return False
+
+
+def raise_open_files_limit() -> int:
+    """Raise the RLIMIT_NOFILE soft limit to the hard limit; return the soft limit now in force."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def missed_reports(last_updates: Sequence[float], period_s: float, tolerance: float = 1.5) -> int:
+    """Reports a reader missed, from the ``last_update`` stamps it recorded (one guest, in order).
+
+    A gap above ``tolerance`` periods counts ``round(gap / period) - 1`` missed reports.
+    """
+    missed = 0
+    for a, b in zip(last_updates, last_updates[1:]):
+        gap = b - a
+        if gap > tolerance * period_s:
+            missed += max(1, round(gap / period_s) - 1)
+    return missed
