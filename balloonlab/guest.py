@@ -23,7 +23,7 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from . import runtime
 from .balloon import Balloon
@@ -53,7 +53,73 @@ def as_spec(domain: DomainSpec | str | os.PathLike[str]) -> DomainSpec:
     return load_domain_xml(Path(domain))
 
 
-class Guest:
+class GuestBase:
+    """What a guest offers whatever the backend (QMP here, libvirt in :mod:`balloonlab.libvirt`):
+    its balloon, the workload agent, warnings, and the period rule shared by launch/attach."""
+
+    #: How balloonlab reaches this guest.
+    backend = "qmp"
+    balloon: Balloon
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: Things that did not go as the domain XML asked (also emitted as Python warnings).
+        self.warnings: list[str] = []
+        #: The polling period found on the live guest at reconnect (never changed there).
+        self.period_at_connect: int | None = None
+        self._workload: Workload | None = None
+
+    @property
+    def workload(self) -> Workload:
+        """The in-guest workload agent (built-in guest only).
+
+        :raises BalloonLabError: this guest has no agent.
+        """
+        if self._workload is None:
+            raise BalloonLabError(f"guest {self.name} has no workload agent (only guests built "
+                                  "with balloonlab's guest image have one)")
+        return self._workload
+
+    @property
+    def has_agent(self) -> bool:
+        """True when the guest carries balloonlab's workload agent."""
+        return self._workload is not None
+
+    def rss_bytes(self) -> int | None:
+        """Host RSS of the QEMU process (libvirt's ``rss``), when known."""
+        raise NotImplementedError
+
+    async def read_stats(self) -> BalloonStats:
+        """One read of the balloon statistics (see :meth:`Balloon.read_stats`)."""
+        return await self.balloon.read_stats()
+
+    async def libvirt_stats(self) -> dict[str, int]:
+        """This guest's numbers as ``virsh dommemstat`` would print them."""
+        return libvirt_view(await self.read_stats(), self.rss_bytes())
+
+    async def close(self) -> None:
+        """Release this handle (see the backend's docs for what happens to the guest)."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _apply_period(self, seconds: int) -> None:
+        """Set the period; a refusal is a recorded warning, never a failed launch or attach."""
+        try:
+            await self.balloon.set_period(seconds)
+        except (CommandError, BalloonNotFound, ValueError, TypeError) as exc:
+            self._warn(f"could not set the balloon stats period to {seconds} s: {exc}")
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(f"{self.name}: {message}", BalloonLabWarning, stacklevel=3)
+
+
+class Guest(GuestBase):
     """One QEMU guest and its balloon (async core; see :class:`balloonlab.SyncGuest`).
 
     Build one with :meth:`launch`, :meth:`attach` or :meth:`reconnect`, not directly.
@@ -63,7 +129,7 @@ class Guest:
                  pid: int | None = None, process: subprocess.Popen[bytes] | None = None,
                  paths: runtime.RuntimePaths | None = None, reaper: runtime.Reaper | None = None,
                  record: runtime.GuestRecord | None = None) -> None:
-        self.name = name
+        super().__init__(name)
         self.spec = spec
         self.monitor = monitor
         self.origin: Origin = origin
@@ -72,13 +138,8 @@ class Guest:
         self.record = record
         self.balloon = Balloon(monitor, spec.memballoon if spec else None,
                                max_bytes=spec.memory_bytes if spec else None)
-        #: Things that did not go as the domain XML asked (also emitted as Python warnings).
-        self.warnings: list[str] = []
-        #: The polling period found on the live guest at reconnect (never changed there).
-        self.period_at_connect: int | None = None
         self._process = process
         self._reaper = reaper
-        self._workload: Workload | None = None
         self._closed = False
 
     # -- construction ---------------------------------------------------------------------
@@ -217,9 +278,6 @@ class Guest:
         return guest
 
     # -- state ----------------------------------------------------------------------------
-    #: How balloonlab reaches this guest (the libvirt backend says "libvirt").
-    backend = "qmp"
-
     async def metadata(self) -> dict[str, object]:
         """What a run records about this guest: domain XML, command line, QEMU version."""
         version = (await self.monitor.execute("query-version"))["qemu"]
@@ -230,22 +288,6 @@ class Guest:
                 "qmp_socket": self.monitor.socket_path,
                 "domain_xml": self.spec.xml if self.spec else None,
                 "warnings": list(self.warnings)}
-
-    @property
-    def workload(self) -> Workload:
-        """The in-guest workload agent (built-in guest only).
-
-        :raises BalloonLabError: this guest has no agent.
-        """
-        if self._workload is None:
-            raise BalloonLabError(f"guest {self.name} has no workload agent (only guests built "
-                                  "with balloonlab's guest image have one)")
-        return self._workload
-
-    @property
-    def has_agent(self) -> bool:
-        """True when the guest carries balloonlab's workload agent."""
-        return self._workload is not None
 
     @property
     def detached(self) -> bool:
@@ -265,17 +307,9 @@ class Guest:
         """QEMU's run state (``running``, ``paused``, ``prelaunch``...)."""
         return str((await self.monitor.execute("query-status"))["status"])
 
-    async def read_stats(self) -> BalloonStats:
-        """One read of the balloon statistics (see :meth:`Balloon.read_stats`)."""
-        return await self.balloon.read_stats()
-
     def rss_bytes(self) -> int | None:
         """Host RSS of the QEMU process (libvirt's ``rss``), when its pid is known."""
         return process_rss_bytes(self.pid) if self.pid is not None else None
-
-    async def libvirt_stats(self) -> dict[str, int]:
-        """This guest's numbers as ``virsh dommemstat`` would print them."""
-        return libvirt_view(await self.read_stats(), self.rss_bytes())
 
     # -- ownership and shutdown -----------------------------------------------------------
     async def detach(self) -> None:
@@ -313,23 +347,7 @@ class Guest:
             await self._disconnect()
             self._closed = True
 
-    async def __aenter__(self) -> Guest:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     # -- internals ------------------------------------------------------------------------
-    async def _apply_period(self, seconds: int) -> None:
-        try:
-            await self.balloon.set_period(seconds)
-        except (CommandError, BalloonNotFound, ValueError, TypeError) as exc:
-            self._warn(f"could not set the balloon stats period to {seconds} s: {exc}")
-
-    def _warn(self, message: str) -> None:
-        self.warnings.append(message)
-        warnings.warn(f"{self.name}: {message}", BalloonLabWarning, stacklevel=3)
-
     async def _wait_for_socket(self, path: Path, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not path.exists():

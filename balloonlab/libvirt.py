@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -44,8 +43,8 @@ from ._libvirt_balloon import LibvirtBalloon, stats_from_libvirt
 from ._libvirt_link import DomainLink, ensure_event_loop, error_text, libvirt_qemu
 from .domain import DomainSpec
 from .errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
-from .guest import BalloonLabWarning, Origin, as_spec
-from .stats import BalloonStats, libvirt_view, process_rss_bytes
+from .guest import GuestBase, Origin, as_spec
+from .stats import process_rss_bytes
 from .workload import Workload
 from ._libvirt_files import (agent_root, pid_is_domain, prepare_xml, qemu_log_size, qemu_log_tail,
                              qemu_pid)
@@ -81,7 +80,7 @@ async def _open_link(uri: str, name: str, stats_via: str) -> DomainLink:
     return DomainLink(conn, name, via=via)
 
 
-class LibvirtGuest:
+class LibvirtGuest(GuestBase):
     """One libvirt domain and its balloon (async; build with :meth:`launch`, :meth:`attach`
     or :meth:`reconnect`)."""
 
@@ -90,21 +89,16 @@ class LibvirtGuest:
 
     def __init__(self, *, link: DomainLink, spec: DomainSpec, origin: Origin, uri: str,
                  persistent: bool, agent_dir: Path | None = None) -> None:
+        super().__init__(spec.name)
         self.link = link
         self.spec = spec
-        self.name = spec.name
         self.uri = uri
         self.origin: Origin = origin
         self.persistent = persistent
         self.balloon = LibvirtBalloon(link, spec)
         #: QEMU's pid when libvirt runs it on this host (None for remote URIs).
         self.pid = qemu_pid(spec.name, uri) if _is_local_qemu(uri) else None
-        #: Things that did not go as the domain XML asked (also emitted as Python warnings).
-        self.warnings: list[str] = []
-        #: The polling period found on the live guest at reconnect (never changed there).
-        self.period_at_connect: int | None = None
         self._agent_dir = agent_dir
-        self._workload: Workload | None = None
         self._detached = False
         self._closed = False
 
@@ -246,17 +240,6 @@ class LibvirtGuest:
             return None
         return next((s.path for s in self.spec.serials if s.port == 1 and s.type == "unix"), None)
 
-    @property
-    def workload(self) -> Workload:
-        """The in-guest workload agent (connected by launch for the built-in guest)."""
-        if self._workload is None:
-            raise BalloonLabError(f"guest {self.name} has no connected workload agent")
-        return self._workload
-
-    @property
-    def has_agent(self) -> bool:
-        return self._workload is not None
-
     async def status(self) -> str:
         """The domain's run state (``running``, ``paused``, ``shutoff``...)."""
         return str((await self.link.execute("query-status"))["status"])
@@ -266,14 +249,6 @@ class LibvirtGuest:
         if self.pid is not None:
             return process_rss_bytes(self.pid)
         return self.balloon.last_rss
-
-    async def read_stats(self) -> BalloonStats:
-        """One read of the balloon statistics (see :meth:`LibvirtBalloon.read_stats`)."""
-        return await self.balloon.read_stats()
-
-    async def libvirt_stats(self) -> dict[str, int]:
-        """This guest's numbers as ``virsh dommemstat`` would print them."""
-        return libvirt_view(await self.read_stats(), self.rss_bytes())
 
     async def metadata(self) -> dict[str, object]:
         """What a run records about this guest: URI, live domain XML, versions, stats path."""
@@ -328,23 +303,7 @@ class LibvirtGuest:
         else:
             await self._disconnect()
 
-    async def __aenter__(self) -> LibvirtGuest:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     # -- internals ------------------------------------------------------------------------
-    async def _apply_period(self, seconds: int) -> None:
-        try:
-            await self.balloon.set_period(seconds)
-        except (CommandError, BalloonNotFound, ValueError, TypeError) as exc:
-            self._warn(f"could not set the balloon stats period to {seconds} s: {exc}")
-
-    def _warn(self, message: str) -> None:
-        self.warnings.append(message)
-        warnings.warn(f"{self.name}: {message}", BalloonLabWarning, stacklevel=3)
-
     async def _connect_agent(self, timeout_s: float) -> None:
         # The agent starts right after the guest loaded its modules: wait for the balloon
         # driver's first report (read through libvirt, so the sampler's first read is "new").
