@@ -185,8 +185,9 @@ class Monitor:
                     self._closed_reason = "QEMU closed the connection"
                     if self._client is client:
                         self._client = None
-                        with contextlib.suppress(Exception):
-                            await client.disconnect()
+                        # Shielded: close() may cancel this task meanwhile, and a disconnect
+                        # cut short leaves qemu.qmp's gathered EOFError unretrieved.
+                        await asyncio.shield(_quiet_disconnect(client))
                     return
                 self._dispatch(getter.result())
         finally:
@@ -202,6 +203,12 @@ class Monitor:
                 handler(event)
             except Exception:  # a subscriber's bug must not stop event delivery to others
                 log.exception("event handler %r failed on %s", handler, event.name)
+
+
+async def _quiet_disconnect(client: QMPClient) -> None:
+    """Finish qemu.qmp's disconnect; the EOFError of a QEMU that quit is expected here."""
+    with contextlib.suppress(Exception):
+        await client.disconnect()
 
 
 async def _wait_runstate_left_running(client: QMPClient) -> None:
