@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -278,10 +279,9 @@ class Balloon:
                     return SettleResult(goal, start_actual, last, now - start, False,
                                         now - last_move >= settle_s)
                 wake.clear()
-                try:
-                    await asyncio.wait_for(wake.wait(), min(1.0, settle_s))
-                except asyncio.TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(1.0, settle_s)):
+                        await wake.wait()
                 current = await self.query_actual()
                 if current != last:
                     last, last_move = current, time.monotonic()

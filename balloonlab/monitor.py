@@ -101,7 +101,8 @@ class Monitor:
         listener = _BoundedListener()
         client.register_listener(listener)
         try:
-            await asyncio.wait_for(client.connect(self.socket_path), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await client.connect(self.socket_path)
         except asyncio.TimeoutError as exc:
             with contextlib.suppress(Exception):
                 await client.disconnect()
@@ -134,8 +135,10 @@ class Monitor:
                                + (f" ({self._closed_reason})" if self._closed_reason else ""))
         self.round_trips += 1
         try:
-            return await asyncio.wait_for(client.execute(command, arguments),
-                                          timeout_s if timeout_s is not None else self.command_timeout_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives with the reply (CPython gh-86296), and Sampler.stop() would hang.
+            async with asyncio.timeout(timeout_s if timeout_s is not None else self.command_timeout_s):
+                return await client.execute(command, arguments)
         except ExecuteError as exc:
             raise CommandError(command, exc.error_class, str(exc)) from exc
         except asyncio.TimeoutError as exc:

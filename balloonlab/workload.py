@@ -100,7 +100,8 @@ class Workload:
             self._writer.write(" ".join([seq, verb, *map(str, args)]).encode() + b"\n")
             await self._writer.drain()
             while True:
-                line = await asyncio.wait_for(self._reader.readline(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    line = await self._reader.readline()
                 if not line:
                     raise AgentError("workload agent closed the connection (guest gone?)")
                 parts = line.decode(errors="replace").strip().split(" ", 2)
