@@ -13,7 +13,7 @@ from . import accessor  # registers the df.balloon accessor
 from .guest import BalloonLabWarning, Guest, list_guests
 from .monitor import Monitor, QMPEvent
 from .stats import BalloonStats, format_dommemstat, libvirt_view
-from .sync import SyncBalloon, SyncGuest, SyncSampler, SyncWorkload
+from .sync import SyncBalloon, SyncGuest, SyncSampler, SyncWorkload, run_experiment
 from .units import format_size, parse_size
 from .workload import Workload
 from .experiment import Experiment, Schedule
@@ -29,5 +29,13 @@ __all__ = [
     "SettleResult", "StatsUnavailable", "SyncBalloon", "SyncGuest", "SyncSampler", "SyncWorkload", "Workload",
     "builtin_spec", "format_dommemstat", "format_size", "libvirt_view", "list_guests",
     "load_domain_xml", "parse_domain_xml", "parse_size", "render_domain_xml", "validate_period",
-    "Experiment", "Schedule", "Sampler", "Run", "load_run",
+    "Experiment", "Schedule", "Sampler", "Run", "load_run", "run_experiment", "dashboard",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy: `import balloonlab` in an analysis script must not pull in the widget stack.
+    if name == "dashboard":
+        from .widgets import dashboard
+        return dashboard
+    raise AttributeError(f"module 'balloonlab' has no attribute {name!r}")

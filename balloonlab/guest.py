@@ -180,9 +180,11 @@ class Guest(GuestBase):
         except BaseException as exc:
             output = guest._output_tail()
             await guest._kill()
-            if isinstance(exc, (BalloonLabError, OSError, asyncio.TimeoutError)):
-                raise LaunchError(f"guest {spec.name} did not come up: {exc}", argv,
-                                  guest._exitcode(), output) from exc
+            if isinstance(exc, (BalloonLabError, OSError, TimeoutError)):
+                code = guest._exitcode()
+                # When QEMU died, its own words (in `output`) explain more than the symptom.
+                reason = f"QEMU exited with code {code}" if code is not None else str(exc)
+                raise LaunchError(f"guest {spec.name} did not come up: {reason}", argv, code, output) from exc
             raise
         return guest
 

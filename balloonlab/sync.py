@@ -18,9 +18,11 @@ import pandas as pd
 from . import _loop
 from .balloon import Balloon, BalloonChange, SettleResult
 from .domain import DomainSpec
+from .experiment import Experiment
 from .guest import Guest
 from .sampler import GuestState, Sampler
 from .stats import BalloonStats
+from .store import Run
 from .workload import Workload
 
 
@@ -140,6 +142,8 @@ class SyncGuest:
     alive = property(lambda self: self.aio.alive, doc="True while QEMU runs.")
     warnings = property(lambda self: self.aio.warnings, doc="What did not go as the XML asked.")
     detached = property(lambda self: self.aio.detached, doc="True when it outlives this process.")
+    period_at_connect = property(lambda self: self.aio.period_at_connect,
+                                 doc="The live polling period read at reconnect (never changed there).")
 
     @property
     def workload(self) -> SyncWorkload:
@@ -237,6 +241,14 @@ class SyncSampler:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_experiment(experiment: Experiment, progress: Any = None) -> Run:
+    """Run an :class:`~balloonlab.experiment.Experiment` and block until it is done.
+
+    The blocking twin of ``await experiment.run()``, for scripts and notebook cells.
+    """
+    return _loop.run(experiment.run(progress))
 
 
 async def _make_sampler(kwargs: dict[str, Any]) -> Sampler:
