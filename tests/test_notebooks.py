@@ -1,0 +1,174 @@
+"""The notebooks, run top to bottom on real kernels against real guests (nbclient).
+
+Each runs from a temporary copy (its cwd is a temp dir, so runs/ never lands in the repo),
+with BALLOONLAB_NOTEBOOK_SECONDS shortening the recordings. A test checks the values the
+notebook printed, not only that it ran: nbclient reports success even when a widget callback
+failed. The kernels inherit the tests' BALLOONLAB_RUNTIME_DIR, so the leak check sees their
+guests. Executed copies are kept under test-artifacts/notebooks/ for a look afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from .conftest import RUNTIME_ROOT, qemu_pids_under
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+ARTIFACTS = ROOT / "test-artifacts" / "notebooks"
+#: Seconds each notebook records (03 needs about 20 for all its phases to have samples).
+SECONDS = "20"
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def kernel_env(monkeypatch, tmp_path, builtin_ready):
+    """Kernel settings: short recordings, and IPython/Jupyter/matplotlib files in a temp dir."""
+    monkeypatch.setenv("BALLOONLAB_NOTEBOOK_SECONDS", SECONDS)
+    for var, sub in (("IPYTHONDIR", "ipython"), ("JUPYTER_RUNTIME_DIR", "jupyter-runtime"),
+                     ("MPLCONFIGDIR", "mpl")):
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    return tmp_path
+
+
+def execute(nb: nbformat.NotebookNode, workdir: Path, name: str) -> nbformat.NotebookNode:
+    """Run ``nb`` in a fresh kernel with cwd ``workdir``; keep the executed copy as an artifact."""
+    client = NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
+    try:
+        client.execute()
+    finally:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, ARTIFACTS / name)
+    return nb
+
+
+def run_notebook(name: str, tmp_path: Path) -> tuple[nbformat.NotebookNode, Path]:
+    """Copy ``notebooks/name`` to a temp dir, run it there, return it and its work dir."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    shutil.copy(NOTEBOOKS / name, workdir / name)
+    nb = execute(nbformat.read(workdir / name, as_version=4), workdir, name)
+    assert_no_exception_output(nb)
+    return nb, workdir
+
+
+def outputs(nb: nbformat.NotebookNode, kind: str = "stdout") -> str:
+    """All text of one kind: ``stdout``, ``stderr`` or a MIME type such as ``text/markdown``."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream" and out.name == kind:
+                parts.append(out.text)
+            elif out.output_type in ("execute_result", "display_data") and kind in out.data:
+                data = out.data[kind]
+                parts.append(data if isinstance(data, str) else json.dumps(data))
+    return "\n".join(parts)
+
+
+def assert_no_exception_output(nb: nbformat.NotebookNode) -> None:
+    errors = [f"{o.ename}: {o.evalue}" for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, errors
+    stderr = outputs(nb, "stderr")
+    assert "Traceback" not in stderr and "Error" not in stderr, f"exception output on stderr:\n{stderr}"
+
+
+def number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not found in output:\n{text}"
+    return float(match.group(1))
+
+
+def test_committed_notebooks_are_stripped_of_outputs():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "strip-notebook-outputs"), "--check"],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"run scripts/strip-notebook-outputs:\n{result.stdout}"
+    assert len(list(NOTEBOOKS.glob("*.ipynb"))) == 5
+
+
+def test_quickstart_records_samples_plots_and_saves_the_run(kernel_env, tmp_path):
+    nb, workdir = run_notebook("01-quickstart.ipynb", tmp_path)
+    text = outputs(nb)
+    recorded = number(r"recorded (\d+) samples of guest quickstart", text)
+    assert recorded >= 5  # about one per second for 20 s
+    assert number(r"runs/\S+: (\d+) samples", text) == recorded  # the run folder holds them all
+    runs = list((workdir / "runs").glob("*-quickstart"))
+    assert len(runs) == 1 and (runs[0] / "run.json").exists() and (runs[0] / "plot.png").stat().st_size > 10_000
+    assert outputs(nb, "image/png")  # the plot is in the notebook
+    assert not (NOTEBOOKS / "runs").exists()
+
+
+def test_step_response_notebook_reaches_every_target(kernel_env, tmp_path):
+    nb, _ = run_notebook("02-balloon-step-response.ipynb", tmp_path)
+    assert "reached 3 of 3 targets" in outputs(nb)
+    summary = outputs(nb, "text/markdown")
+    moved = re.findall(r"\*\*(\w+)\*\* to (\d+) MiB: actual moved (\d+) MiB in", summary)
+    assert [(d, int(t)) for d, t, _ in moved] == [("inflate", 256), ("deflate", 384), ("deflate", 512)]
+    assert [int(m) for _, _, m in moved] == pytest.approx([256, 128, 128], abs=2)  # within the 1 MiB tolerance
+    assert outputs(nb, "image/png").count("iVBOR") >= 2  # two figures (PNG data)
+
+
+def test_workload_notebook_explains_used_memory_with_numbers(kernel_env, tmp_path):
+    nb, _ = run_notebook("03-workload-and-pressure.ipynb", tmp_path)
+    rose = number(r"virt_manager rose by (-?\d+) MiB at the 192 MiB peak", outputs(nb))
+    assert 160 <= rose <= 230
+    text = outputs(nb, "text/markdown")
+    assert "**Holding 192 MiB**" in text
+    took = number(r"\*\*Inflating the balloon to 320 MiB\*\* took `actual` (-?\d+) MiB", text)
+    assert took == pytest.approx(-192, abs=2)
+    assert "nan" not in text.lower()  # every phase had samples
+
+
+def test_attach_notebook_sets_period_only_when_running_and_reconnect_keeps_it(kernel_env, tmp_path):
+    nb, _ = run_notebook("04-attach-and-reconnect.ipynb", tmp_path)
+    text = outputs(nb)
+    assert "prelaunch: period: 0\nrunning: period: 0\n" in text  # paused: left alone, also after cont
+    assert "running: period: 2" in text  # attached while running: set from the XML
+    assert "period found 3 s, live period 3 s" in text  # a new process reconnected, period untouched
+    assert "shutdown: quit" in text
+    assert text.rstrip().endswith("running guests: []")
+
+
+def test_dashboard_notebook_drives_two_guests_and_closes_them(kernel_env, tmp_path):
+    nb, _ = run_notebook("05-dashboard.ipynb", tmp_path)
+    text = outputs(nb)
+    assert re.search(r"dash-1: running \(dash-1 running: pid \d+", text)
+    assert re.search(r"dash-2: running \(dash-2 running: pid \d+", text)
+    assert number(r"dash-1: actual (\d+) MiB \(reached: True\)", text) == pytest.approx(256, abs=1)
+    assert "dash-2: holding 128 MiB" in text
+    assert "dash-1: balloon target 2 GiB is above the guest's memory 512 MiB" in text
+    assert "dash-2: stats period must be between 0 (disable) and 4294967295 seconds, got -1" in text
+    assert number(r"(\d+) samples so far", text) > 0
+    assert text.rstrip().endswith("running guests: []")
+    assert outputs(nb, "application/vnd.jupyter.widget-view+json")  # the dashboard was displayed
+
+
+def test_a_failing_cell_after_launch_leaves_no_qemu_once_the_kernel_is_gone(kernel_env, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    nb = nbformat.read(NOTEBOOKS / "01-quickstart.ipynb", as_version=4)
+    launch = next(i for i, c in enumerate(nb.cells) if "SyncGuest.launch" in c.source)
+    nb.cells.insert(launch + 1, nbformat.v4.new_code_cell(
+        'print("guest pid", guest.pid)\nraise RuntimeError("injected failure")'))
+    with pytest.raises(CellExecutionError, match="injected failure"):
+        execute(nb, workdir, "01-quickstart-failing.ipynb")
+    pid = int(number(r"guest pid (\d+)", outputs(nb)))
+    assert "recorded" not in outputs(nb)  # nothing ran after the failing cell
+    # nbclient has shut the kernel down; the guest dies with its owner.
+    deadline = time.monotonic() + 15
+    while qemu_pids_under(RUNTIME_ROOT) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_pids_under(RUNTIME_ROOT) == []
+    assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
