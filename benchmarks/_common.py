@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import os
@@ -198,7 +199,7 @@ def missed_reports(last_updates: Sequence[float], period_s: float, tolerance: fl
     A gap above ``tolerance`` periods counts ``round(gap / period) - 1`` missed reports.
     """
     missed = 0
-    for a, b in zip(last_updates, last_updates[1:]):
+    for a, b in itertools.pairwise(last_updates):
         gap = b - a
         if gap > tolerance * period_s:
             missed += max(1, round(gap / period_s) - 1)
