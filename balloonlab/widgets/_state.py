@@ -468,26 +468,16 @@ class GuestSlot:
                 log.exception("dashboard view update failed")
 
 
-async def _cancel_and_wait(tasks: list[asyncio.Task[object]], every_s: float = 3.0) -> None:
-    """Cancel tasks and wait until they really ended.
-
-    A task still running ``every_s`` after its cancel is cancelled again: on Python 3.11,
-    ``asyncio.wait_for`` (used by the monitor for every QMP command) drops a cancellation
-    that arrives as the reply does (CPython gh-86296), and the task carries on as if never
-    cancelled. ``every_s`` leaves a cancelled launch time to kill its QEMU undisturbed.
-    """
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=every_s)
+async def _cancel_and_wait(tasks: list[asyncio.Task[object]]) -> None:
+    """Cancel tasks and wait until they really ended (a cancelled launch kills its QEMU)."""
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
 
 
 async def _stop_sampling(sampler: SyncSampler, name: str) -> None:
-    """Stop sampling one guest (``Sampler.remove``, made safe from the lost cancel above)."""
-    state = sampler.aio.states().get(name)
-    if state is None:
-        return
-    if state.task is not None:
-        await _cancel_and_wait([state.task], every_s=0.5)  # nothing to clean up there
-    await sampler.aio.remove(name)
+    """Stop sampling one guest, if it is being sampled."""
+    if name in sampler.aio.states():
+        await sampler.aio.remove(name)
