@@ -347,3 +347,40 @@ async def test_persistent_launch(lv_spec):
     assert await again.shutdown(undefine=True)
     assert again.name not in domain_names()
     await avirsh("undefine", spec.name)
+
+
+# ----------------------------------------------------------------------------- with the sampler
+async def test_sampler_records_libvirt_and_qmp_guests_in_one_run_and_marks_a_destroyed_domain(
+        lv_spec, spec, tmp_path):
+    from balloonlab import Guest, Sampler, load_run
+    lv = await LibvirtGuest.launch(lv_spec(period_s=1), agent=False, stats_via="libvirt")
+    qmp = await Guest.launch(spec(period_s=1))
+    try:
+        async with Sampler(run_dir=tmp_path / "run", flush_interval_s=1) as sampler:
+            await sampler.add(lv)
+            await sampler.add(qmp)
+            deadline = time.monotonic() + 30
+            while min(s.samples for s in sampler.states().values()) < 3:
+                assert time.monotonic() < deadline, sampler.states()
+                await asyncio.sleep(0.2)
+            await avirsh("destroy", lv.name)
+            while sampler.states()[lv.name].state != "dead":
+                assert time.monotonic() < deadline + 15, "the destroyed domain was not marked dead"
+                await asyncio.sleep(0.2)
+            kept = int((sampler.frame()["guest"] == lv.name).sum())
+            before = sampler.states()[qmp.name].samples
+            while sampler.states()[qmp.name].samples < before + 2:  # the other guest goes on
+                assert time.monotonic() < deadline + 30
+                await asyncio.sleep(0.2)
+        run = load_run(tmp_path / "run")
+        assert int((run.samples["guest"] == lv.name).sum()) == kept >= 3
+        assert run.metadata["guests"][lv.name]["backend"] == "libvirt"
+        assert run.metadata["guests"][lv.name]["stats_via"] == "libvirt"
+        assert run.metadata["guests"][qmp.name]["backend"] == "qmp"
+        lv_rows = run.samples[run.samples["guest"] == lv.name]
+        assert (lv_rows["total_memory"] % 1024 == 0).all()  # memoryStats() speaks whole KiB
+        died = run.events[(run.events["guest"] == lv.name) & run.events["kind"].isin(["error", "shutdown"])]
+        assert len(died) == 1
+    finally:
+        await qmp.shutdown()
+        await lv.close()

@@ -23,6 +23,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from .conftest import RUNTIME_ROOT, qemu_pids_under
+from .libvirtd_fixture import libvirt_domains, libvirtd  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -95,7 +96,7 @@ def test_committed_notebooks_are_stripped_of_outputs():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "strip-notebook-outputs"), "--check"],
                             check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"run scripts/strip-notebook-outputs:\n{result.stdout}"
-    assert len(list(NOTEBOOKS.glob("*.ipynb"))) == 5
+    assert len(list(NOTEBOOKS.glob("*.ipynb"))) == 6
 
 
 def test_quickstart_records_samples_plots_and_saves_the_run(kernel_env, tmp_path):
@@ -172,3 +173,16 @@ def test_a_failing_cell_after_launch_leaves_no_qemu_once_the_kernel_is_gone(kern
         time.sleep(0.1)
     assert qemu_pids_under(RUNTIME_ROOT) == []
     assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_libvirt_notebook_attaches_to_a_domain_and_records_it_beside_a_qmp_guest(
+        kernel_env, tmp_path, libvirt_domains, monkeypatch):
+    name = libvirt_domains()  # a blv-<pid>-<n> name: the fixture removes it whatever happens
+    monkeypatch.setenv("BALLOONLAB_NOTEBOOK_DOMAIN", name)
+    nb, _ = run_notebook("06-libvirt.ipynb", tmp_path)
+    text = outputs(nb)
+    assert f"{name}: running, period 2 s, stats via libvirt" in text  # set by libvirt's start, untouched
+    assert number(rf"{name}: backend libvirt, (\d+) samples", text) >= 3
+    assert number(r"nb06-qmp: backend qmp, (\d+) samples", text) >= 3
+    assert re.search(rf"{name}: backend libvirt, \d+ samples, lowest actual 320 MiB", text)
+    assert re.search(r"^actual 524288$", text, re.M)  # virsh dommemstat, after the deflate
