@@ -114,6 +114,19 @@ class GuestBase:
         except (CommandError, BalloonNotFound, ValueError, TypeError) as exc:
             self._warn(f"could not set the balloon stats period to {seconds} s: {exc}")
 
+    async def status(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``prelaunch``...)."""
+        raise NotImplementedError
+
+    async def _apply_period_at_attach(self, seconds: int) -> None:
+        """libvirt's attach rule: set the period only if the VM is running; a paused one keeps
+        whatever it has (its owner may have reasons)."""
+        status = await self.status()
+        if status == "running":
+            await self._apply_period(seconds)
+        else:
+            log.info("%s is %s: stats period left as it is", self.name, status)
+
     def _warn(self, message: str) -> None:
         self.warnings.append(message)
         warnings.warn(f"{self.name}: {message}", BalloonLabWarning, stacklevel=3)
@@ -244,12 +257,8 @@ class Guest(GuestBase):
         monitor = Monitor(str(qmp_socket), name=label)
         await monitor.connect()
         guest = cls(name=label, spec=spec, monitor=monitor, origin="attached")
-        status = await guest.status()
         if set_period and spec is not None and spec.period_s is not None:
-            if status == "running":
-                await guest._apply_period(spec.period_s)
-            else:
-                log.info("%s is %s: stats period left as it is", label, status)
+            await guest._apply_period_at_attach(spec.period_s)
         return guest
 
     @classmethod

@@ -162,12 +162,8 @@ class LibvirtGuest(GuestBase):
         """
         guest = await cls._adopt(name_or_uuid, uri, stats_via, "attached")
         try:
-            status = await guest.status()
             if set_period and guest.spec.period_s is not None:
-                if status == "running":
-                    await guest._apply_period(guest.spec.period_s)
-                else:
-                    log.info("%s is %s: stats period left as it is", guest.name, status)
+                await guest._apply_period_at_attach(guest.spec.period_s)
             if agent and guest.agent_socket is not None:
                 await guest._connect_agent(30.0)
         except BaseException:

@@ -17,18 +17,17 @@ guests: ``samples/s`` (against ``expected/s``, one report per guest per period),
 samples + missed), the sampler's CPU as % of its core, the event loop's lag (a ticker that
 sleeps 50 ms measures its overshoot; p99) and the CPU of what it samples (QEMUs or the
 simulator, % of a core). ``us_cpu/sample`` is the sampler's CPU net of the same kind's
-0-guest row (the loop, the lag ticker, idle connections), per sample. A count keeps up when samples/s is at least 95 % of expected, the loop lag
-p99 stays under 10 % of the period and misses stay under 5 %: the Sampler as written misses
-about 2 % at any scale (it re-reads a period + 20 ms after each new sample while QEMU reports
-exactly once a period, so its reads drift later and skip about one report in 50), so "no
-missed sample" is never met over more than a few tens of seconds; the 5 % bound separates
-falling behind from that floor. Ratios
-(``x_cpu/guest``) are the sampler's CPU per guest against the smallest count of the same kind.
+0-guest row (the loop, the lag ticker, idle connections), per sample; ``reads/sample`` is
+QMP reads per recorded sample (above 1 while the sampler learns each guest's report phase,
+which short windows weigh heavily). A count keeps up when samples/s is at least 95 % of
+expected, the loop lag p99 stays under 10 % of the period and misses stay under 5 % (a
+before-2026-11 Sampler that re-read a period + 20 ms after each sample drifted and missed
+about 2 % at any scale; the current one should miss none). Ratios (``x_cpu/guest``) are the
+sampler's CPU per guest against the smallest count of the same kind.
 
 ``Sampler.stop()`` is timed (``stop_s`` in the JSON); when it has not returned after 30 s
-(per-guest tasks that survived their cancel: on Python 3.11 ``asyncio.wait_for`` in
-``Monitor.execute`` can swallow a cancellation that lands as the reply arrives, CPython
-gh-86296) the stuck tasks are reported on stderr and cancelled again.
+the stuck tasks are reported on stderr and cancelled again (a guard kept from when the
+monitor's ``asyncio.wait_for`` could lose a cancellation, CPython gh-86296).
 
 Run from the project root: ``.venv/bin/python benchmarks/sampler_scale.py [--real 1,2,4]
 [--sim 100,250,500,1000] [--window 15] [--sim-window 20] [--json PATH]``; about 2.5 minutes.
