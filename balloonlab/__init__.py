@@ -7,10 +7,10 @@ facade for notebooks and scripts (``SyncGuest``). See README.md for a tour.
 from .balloon import Balloon, BalloonChange, SettleResult, validate_period
 from .builtin import builtin_spec
 from .domain import DomainSpec, MemballoonSpec, load_domain_xml, parse_domain_xml, render_domain_xml
-from .errors import (AgentError, BalloonLabError, BalloonNotFound, CommandError, DomainXMLError,
+from .errors import (AgentError, BalloonLabError, BalloonLabWarning, BalloonNotFound, CommandError, DomainXMLError,
                      GuestImageError, GuestNameInUse, LaunchError, MonitorError, StatsUnavailable)
-from . import accessor  # registers the df.balloon accessor
-from .guest import BalloonLabWarning, Guest, list_guests
+from . import accessor as accessor  # registers the df.balloon accessor
+from .guest import Guest, list_guests
 from .monitor import Monitor, QMPEvent
 from .stats import BalloonStats, format_dommemstat, libvirt_view
 from .sync import SyncBalloon, SyncGuest, SyncSampler, SyncWorkload, run_experiment
@@ -20,7 +20,7 @@ from .experiment import Experiment, Schedule
 from .sampler import Sampler
 from .store import Run, load_run
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 __all__ = [
     "AgentError", "Balloon", "BalloonChange", "BalloonLabError", "BalloonLabWarning", "BalloonNotFound",

@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lxml import etree
-
-from .domain import DomainSpec, render_domain_xml
+from .domain import DomainSpec, render_domain_xml, with_serial_socket_paths
 
 _SYSTEM_RUN = Path("/run/libvirt/qemu")
 _SYSTEM_LOG = Path("/var/log/libvirt/qemu")
@@ -45,27 +43,13 @@ def prepare_xml(spec: DomainSpec) -> tuple[str, Path | None]:
     if not any(s.type == "unix" and not s.path for s in spec.serials):
         return xml, None
     directory = agent_root() / spec.name
-    # lxml with the same precautions as balloonlab.domain (the XML was already parsed there).
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
-    root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml, parser)
-    for index, serial in enumerate(root.findall("devices/serial")):
-        if serial.get("type") != "unix":
-            continue
-        source = serial.find("source")
-        if source is not None and source.get("path"):
-            continue
-        if source is None:
-            source = etree.Element("source", mode="bind")
-            serial.insert(0, source)
-        target = serial.find("target")
-        port = int(target.get("port", index)) if target is not None else index
-        sock = "agent.sock" if spec.agent and port == 1 else f"serial{port}.sock"
-        source.set("path", str(directory / sock))
+    xml = with_serial_socket_paths(
+        xml, lambda port: str(directory / ("agent.sock" if spec.agent and port == 1 else f"serial{port}.sock")))
     made = None
     if not directory.exists():
         directory.mkdir(mode=0o755, parents=True)  # libvirtd (root) binds the socket here
         made = directory
-    return etree.tostring(root, encoding="unicode"), made
+    return xml, made
 
 
 def _run_dirs() -> list[Path]:

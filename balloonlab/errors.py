@@ -116,3 +116,7 @@ class GuestImageError(BalloonLabError):
 
 class AgentError(BalloonLabError):
     """The in-guest workload agent refused or failed a request (e.g. allocation failed)."""
+
+
+class BalloonLabWarning(UserWarning):
+    """Something worked, but not as the domain XML asked (e.g. the period could not be set)."""

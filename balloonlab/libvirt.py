@@ -43,7 +43,7 @@ from ._libvirt_balloon import LibvirtBalloon, stats_from_libvirt
 from ._libvirt_link import DomainLink, ensure_event_loop, error_text, libvirt_qemu
 from .domain import DomainSpec
 from .errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
-from .guest import GuestBase, Origin, as_spec
+from .guestbase import GuestBase, Origin, as_spec
 from .stats import process_rss_bytes
 from .workload import Workload
 from ._libvirt_files import (agent_root, pid_is_domain, prepare_xml, qemu_log_size, qemu_log_tail,

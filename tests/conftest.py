@@ -22,6 +22,9 @@ os.environ["BALLOONLAB_RUNTIME_DIR"] = str(RUNTIME_ROOT)
 
 _names = itertools.count(1)
 
+#: Fixture modules shared by several test files (libvirtd, libvirt_domains).
+pytest_plugins = ["tests.libvirtd_fixture"]
+
 
 def qemu_pids_under(root: Path) -> list[int]:
     """Live qemu-system processes whose command line mentions ``root``."""

@@ -5,7 +5,7 @@ answers on qemu:///system, and stops it at the end of the session only if it sta
 ``libvirt_domains`` (per test) yields a name factory and, after the test, destroys and
 undefines every domain of this session (``blv-<pid>-*``; other sessions' domains are left
 alone) and fails the test if one was left behind.
-Import both names into a test module (``from .libvirtd_fixture import libvirtd, ...``).
+tests/conftest.py loads this module as a pytest plugin, so every test module can use them.
 """
 
 from __future__ import annotations

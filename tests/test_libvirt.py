@@ -20,7 +20,7 @@ from balloonlab.errors import (BalloonNotFound, CommandError, LaunchError,  # no
                                MonitorError)
 from balloonlab.libvirt import LibvirtGuest, agent_root  # noqa: E402
 
-from .libvirtd_fixture import URI, libvirt_domains, libvirtd  # noqa: E402,F401
+from .libvirtd_fixture import URI  # noqa: E402
 
 pytestmark = pytest.mark.qemu
 

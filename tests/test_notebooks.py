@@ -23,7 +23,6 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from .conftest import RUNTIME_ROOT, qemu_pids_under
-from .libvirtd_fixture import libvirt_domains, libvirtd  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"

@@ -1,0 +1,20 @@
+"""libvirt domain XML <-> :class:`DomainSpec`, balloonlab's frozen description of one guest.
+
+This package is the only part of balloonlab that reads or writes domain XML (and the only
+one that uses lxml). :func:`parse_domain_xml` turns what libvirt accepts into immutable dataclasses, with
+libvirt's own defaults applied (memory in KiB unless ``unit=`` says otherwise, rounded up to a
+whole KiB and stored in bytes; ``currentMemory`` = ``memory`` when absent; an implicit virtio
+balloon when there is no ``<memballoon>``), and reports bad input as
+:class:`~balloonlab.errors.DomainXMLError` with the line and element. :func:`render_domain_xml`
+writes a spec back as XML libvirt accepts and :func:`builtin_domain` builds balloonlab's own test
+guest. ``balloonlab.command`` turns a spec into a QEMU command line; nothing here starts anything.
+"""
+
+from .parse import load_domain_xml, parse_domain_xml
+from .render import builtin_domain, render_domain_xml, with_changes, with_serial_socket_paths
+from .spec import (BALLOON_MODELS, BALLOONLAB_NS, VIRTIO_DRIVER_OPTIONS, AddressSpec, DiskSpec,
+                   DomainSpec, MemballoonSpec, SerialSpec)
+
+__all__ = ["BALLOON_MODELS", "BALLOONLAB_NS", "VIRTIO_DRIVER_OPTIONS", "AddressSpec", "DiskSpec",
+           "DomainSpec", "MemballoonSpec", "SerialSpec", "builtin_domain", "load_domain_xml",
+           "parse_domain_xml", "render_domain_xml", "with_changes", "with_serial_socket_paths"]

@@ -1,0 +1,247 @@
+"""libvirt domain XML -> :class:`DomainSpec`, with libvirt's defaults and line-numbered errors."""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+from lxml import etree
+
+from balloonlab.errors import DomainXMLError
+from balloonlab.units import unit_factor
+
+from .spec import (_C_UINT, _CCW_LIMITS, _DECIMAL, _ONOFF, _PCI_LIMITS, _PERIOD_MAX, _QEMU_ID, BALLOON_MODELS,
+                   BALLOONLAB_NS, VIRTIO_DRIVER_OPTIONS, AddressSpec, DiskSpec, DomainSpec,
+                   MemballoonSpec, SerialSpec)
+
+
+def _tag(node: etree._Element) -> str:
+    return etree.QName(node).localname
+
+
+def _fail(message: str, node: etree._Element | None = None, element: str | None = None) -> NoReturn:
+    raise DomainXMLError(message, line=node.sourceline if node is not None else None,
+                         element=element or (_tag(node) if node is not None else None))
+
+
+def _text(node: etree._Element | None) -> str | None:
+    if node is None or node.text is None or not node.text.strip():
+        return None
+    return node.text.strip()
+
+
+def _round_up_kib(nbytes: int) -> int:
+    return -(-nbytes // 1024) * 1024
+
+
+def _memory(node: etree._Element, *, allow_zero: bool = False) -> int:
+    """Bytes of a ``<memory>``-like element, rounded up to a whole KiB as libvirt does."""
+    unit = node.get("unit", "KiB")
+    try:
+        factor = unit_factor(unit)
+    except ValueError as exc:
+        _fail(str(exc), node)
+    text = node.text or ""
+    if not _DECIMAL.match(text) or (int(text) == 0 and not allow_zero):
+        _fail(f"<{_tag(node)}> must be a positive integer number of {unit}, got {text.strip()!r}", node)
+    return _round_up_kib(int(text) * factor)
+
+
+def _onoff(node: etree._Element, attr: str) -> bool | None:
+    value = node.get(attr)
+    if value is None:
+        return None
+    if value not in _ONOFF:
+        _fail(f"{attr}={value!r} is not valid; expected 'on' or 'off'", node)
+    return _ONOFF[value]
+
+
+def _address_number(node: etree._Element, attr: str, limit: int) -> int:
+    text = node.get(attr, "0").strip()
+    if not _C_UINT.match(text):
+        _fail(f"address {attr}={text!r} is not a number; expected decimal like '18' or hex like '0x12'", node)
+    value = int(text, 16) if text[:2].lower() == "0x" else int(text, 8 if text.startswith("0") else 10)
+    if value > limit:
+        _fail(f"address {attr}={text!r} is out of range; expected at most {limit:#x}", node)
+    return value
+
+
+def _address(node: etree._Element | None) -> AddressSpec | None:
+    if node is None:
+        return None
+    kind = node.get("type")
+    if not kind:
+        _fail("<address> has no type; expected type='pci', 'ccw' or 'virtio-mmio'", node)
+    limits = {"pci": _PCI_LIMITS, "ccw": _CCW_LIMITS}.get(kind, {})
+    return AddressSpec(kind, **{a: _address_number(node, a, lim) for a, lim in limits.items()})
+
+
+def _period(node: etree._Element | None) -> int | None:
+    if node is None:
+        return None
+    text = node.get("period")
+    if text is None or not _DECIMAL.match(text) or int(text) > _PERIOD_MAX:
+        _fail(f"stats period={text!r} is not valid; expected a whole number of seconds "
+              f"from 0 (disabled) to {_PERIOD_MAX}", node)
+    return int(text)
+
+
+def _memballoon(nodes: list[etree._Element], domain_type: str) -> MemballoonSpec | None:
+    if not nodes:  # libvirt adds the hypervisor's default balloon; so do we
+        return MemballoonSpec(model="xen" if domain_type == "xen" else "virtio", implicit=True)
+    if len(nodes) > 1:
+        _fail("a domain can have only one <memballoon>; found a second one", nodes[1])
+    node = nodes[0]
+    model = node.get("model")
+    if model == "none":
+        return None
+    if model not in BALLOON_MODELS:
+        _fail(f"unknown memballoon model {model!r}; expected one of {', '.join(BALLOON_MODELS)} or none", node)
+    alias_node = node.find("alias")
+    alias = alias_node.get("name") if alias_node is not None else None
+    if alias_node is not None and (alias is None or not _QEMU_ID.match(alias)):
+        _fail(f"alias name={alias!r} is not a valid QEMU device id; expected a letter then "
+              "letters, digits, '-', '.' or '_'", alias_node)
+    driver = node.find("driver")
+    options = () if driver is None else tuple(
+        (name, value) for name in VIRTIO_DRIVER_OPTIONS if (value := _onoff(driver, name)) is not None)
+    return MemballoonSpec(model=model, alias=alias, address=_address(node.find("address")),
+                          autodeflate=_onoff(node, "autodeflate"),
+                          free_page_reporting=_onoff(node, "freePageReporting"),
+                          period_s=_period(node.find("stats")), driver_options=options)
+
+
+def _disk(node: etree._Element) -> DiskSpec | None:
+    source = node.find("source")
+    path = None if source is None else (source.get("file") or source.get("dev"))
+    if not path:  # network disks and empty CD-ROM drives: nothing a local launcher can open
+        return None
+    driver, target = node.find("driver"), node.find("target")
+    return DiskSpec(source=path, format=(driver.get("type") if driver is not None else None) or "raw",
+                    device=node.get("device", "disk"),
+                    bus=target.get("bus") if target is not None else None,
+                    target=target.get("dev") if target is not None else None,
+                    readonly=node.find("readonly") is not None)
+
+
+def _serial(node: etree._Element, index: int) -> SerialSpec:
+    target, source = node.find("target"), node.find("source")
+    port = target.get("port") if target is not None else None
+    if port is not None and not _DECIMAL.match(port):
+        _fail(f"serial target port={port!r} is not valid; expected a whole number", target)
+    return SerialSpec(type=node.get("type", "pty"), port=int(port) if port is not None else index,
+                      path=source.get("path") if source is not None else None)
+
+
+def _agent(root: etree._Element) -> bool:
+    metadata = root.find("metadata")
+    guest = None if metadata is None else metadata.find(f"{{{BALLOONLAB_NS}}}guest")
+    if guest is None:
+        return False
+    if guest.get("agent") != "serial1":
+        _fail(f"balloonlab:guest agent={guest.get('agent')!r} is not supported; expected 'serial1'", guest)
+    return True
+
+
+def _vcpus(root: etree._Element) -> int:
+    node = root.find("vcpu")
+    if node is None:
+        return 1
+    if not _DECIMAL.match(node.text or "") or int(node.text) == 0:
+        _fail(f"<vcpu> must be a positive integer, got {(node.text or '').strip()!r}", node)
+    return int(node.text)
+
+
+def _memory_fields(root: etree._Element) -> dict[str, int | None]:
+    node = root.find("memory")
+    if node is None:
+        _fail("missing <memory>; expected e.g. <memory unit='MiB'>512</memory> in <domain>", root)
+    memory = _memory(node)
+    current_node, max_node = root.find("currentMemory"), root.find("maxMemory")
+    current = _memory(current_node, allow_zero=True) if current_node is not None else memory
+    return {"memory_bytes": memory,
+            "current_memory_bytes": current if 0 < current <= memory else memory,  # as libvirt
+            "max_memory_bytes": _memory(max_node) if max_node is not None else None}
+
+
+def _os_fields(os_node: etree._Element | None) -> dict[str, str | None]:
+    fields: dict[str, str | None] = dict.fromkeys(("arch", "machine", "kernel", "initrd", "cmdline"))
+    if os_node is None:
+        return fields
+    os_type, cmdline = os_node.find("type"), os_node.find("cmdline")
+    if os_type is not None:
+        fields.update(arch=os_type.get("arch"), machine=os_type.get("machine"))
+    fields.update(kernel=_text(os_node.find("kernel")), initrd=_text(os_node.find("initrd")),
+                  cmdline=cmdline.text if cmdline is not None and cmdline.text else None)
+    return fields
+
+
+def _device_fields(devices: etree._Element | None, domain_type: str) -> dict[str, object]:
+    dev = devices if devices is not None else etree.Element("devices")
+    return {"emulator": _text(dev.find("emulator")),
+            "disks": tuple(d for d in map(_disk, dev.findall("disk")) if d is not None),
+            "serials": tuple(_serial(n, i) for i, n in enumerate(dev.findall("serial"))),
+            "memballoon": _memballoon(dev.findall("memballoon"), domain_type)}
+
+
+# ---------------------------------------------------------------------------- parsing
+
+def _parse_root(text: str | bytes) -> tuple[etree._Element, str]:
+    if isinstance(text, str):  # the str is already decoded: ignore any encoding= declaration
+        data, parser_encoding = text.encode("utf-8"), "utf-8"
+    elif isinstance(text, (bytes, bytearray)):
+        data, parser_encoding = bytes(text), None
+    else:
+        raise TypeError(f"domain XML must be str or bytes, got {type(text).__name__}")
+    # Domain XML comes from users: never fetch anything and never expand entities.
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                             huge_tree=False, encoding=parser_encoding)
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as exc:
+        raise DomainXMLError(f"not well-formed XML ({exc.msg}); expected a libvirt <domain> document",
+                             line=exc.lineno) from None
+    docinfo = root.getroottree().docinfo
+    source = text if isinstance(text, str) else data.decode(docinfo.encoding or "utf-8", "replace")
+    if docinfo.doctype:  # libxml2 expands entities in attribute values even so: refuse DTDs
+        line = source[:source.find("<!DOCTYPE")].count("\n") + 1 if "<!DOCTYPE" in source else None
+        raise DomainXMLError("DOCTYPE and entity declarations are not accepted in domain XML; "
+                             "expected a plain <domain> document", line=line, element="!DOCTYPE")
+    return root, source
+
+
+def parse_domain_xml(text: str | bytes) -> DomainSpec:
+    """Parse libvirt domain XML.
+
+    Only local disks (``<source file=|dev=>``) are kept; ``currentMemory`` of 0 or above
+    ``memory`` becomes ``memory``, as libvirt does.
+
+    :param text: the XML document (str, or bytes honouring its encoding declaration).
+    :raises DomainXMLError: for XML that is not well formed or that libvirt would refuse
+        (see the message, ``line`` and ``element``).
+    :raises TypeError: for anything but str or bytes.
+    """
+    root, source = _parse_root(text)
+    if root.tag != "domain":
+        _fail(f"the root element is <{root.tag}>; expected <domain>", root)
+    domain_type = root.get("type")
+    if not domain_type:
+        _fail("<domain> has no type attribute; expected e.g. type='qemu' or type='kvm'", root)
+    name = _text(root.find("name"))
+    if name is None:
+        _fail("missing <name>; expected <name>guest-name</name> in <domain>", root)
+    return DomainSpec(name=name, uuid=_text(root.find("uuid")), domain_type=domain_type,
+                      vcpus=_vcpus(root), agent=_agent(root), xml=source, **_memory_fields(root),
+                      **_os_fields(root.find("os")), **_device_fields(root.find("devices"), domain_type))
+
+
+def load_domain_xml(path: str | os.PathLike[str]) -> DomainSpec:
+    """Read and parse a domain XML file.
+
+    :raises OSError: when the file cannot be read.
+    :raises DomainXMLError: as :func:`parse_domain_xml`.
+    """
+    with open(path, "rb") as handle:
+        return parse_domain_xml(handle.read())
+
+

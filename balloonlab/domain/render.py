@@ -1,0 +1,216 @@
+"""DomainSpec -> libvirt domain XML, small edits of XML, and the built-in guest's domain."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from lxml import etree
+
+from balloonlab.units import parse_size
+
+from .parse import _parse_root, _round_up_kib
+from .spec import (_GUEST_NAME, _PERIOD_MAX, _QEMU_ID, BALLOON_MODELS, BALLOONLAB_NS, AddressSpec,
+                   DiskSpec, DomainSpec, MemballoonSpec, SerialSpec)
+
+
+def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
+    node = etree.SubElement(parent, tag, {k: v for k, v in attrs.items() if v is not None})
+    node.text = text
+    return node
+
+
+def _kib(nbytes: int) -> str:
+    return str(-(-nbytes // 1024))
+
+
+def _render_address(parent: etree._Element, address: AddressSpec) -> None:
+    attrs = {"type": address.type}
+    if address.type == "pci":
+        attrs.update(domain=f"0x{address.domain or 0:04x}", bus=f"0x{address.bus or 0:02x}",
+                     slot=f"0x{address.slot or 0:02x}", function=f"0x{address.function or 0:x}")
+    elif address.type == "ccw":
+        attrs.update(cssid=f"0x{address.cssid or 0:x}", ssid=f"0x{address.ssid or 0:x}",
+                     devno=f"0x{address.devno or 0:04x}")
+    _sub(parent, "address", **attrs)
+
+
+def _render_memballoon(devices: etree._Element, balloon: MemballoonSpec | None) -> None:
+    if balloon is None:
+        _sub(devices, "memballoon", model="none")
+        return
+    if balloon == MemballoonSpec(model=balloon.model, implicit=True):
+        return  # libvirt adds this very default itself; leaving it out keeps it implicit
+    onoff = {True: "on", False: "off", None: None}
+    node = _sub(devices, "memballoon", model=balloon.model, autodeflate=onoff[balloon.autodeflate],
+                freePageReporting=onoff[balloon.free_page_reporting])
+    if balloon.period_s is not None:  # libvirt drops period 0 when it formats; we keep it
+        _sub(node, "stats", period=str(balloon.period_s))
+    if balloon.alias is not None:
+        _sub(node, "alias", name=balloon.alias)
+    if balloon.address is not None:
+        _render_address(node, balloon.address)
+    if balloon.driver_options:
+        _sub(node, "driver", **{name: onoff[value] for name, value in balloon.driver_options})
+
+
+def _render_disk(devices: etree._Element, disk: DiskSpec) -> None:
+    if disk.target is None:
+        raise ValueError(f"disk {disk.source!r} has no target; libvirt requires <target dev=...>")
+    block = disk.source.startswith("/dev/")
+    node = _sub(devices, "disk", type="block" if block else "file", device=disk.device)
+    _sub(node, "driver", name="qemu", type=disk.format)
+    _sub(node, "source", **{"dev" if block else "file": disk.source})
+    _sub(node, "target", dev=disk.target, bus=disk.bus)
+    if disk.readonly:
+        _sub(node, "readonly")
+
+
+def _render_serial(devices: etree._Element, serial: SerialSpec) -> None:
+    node = _sub(devices, "serial", type=serial.type)
+    if serial.type == "unix":
+        _sub(node, "source", mode="bind", path=serial.path)
+    elif serial.path is not None:
+        _sub(node, "source", path=serial.path)
+    _sub(node, "target", port=str(serial.port))
+
+
+def render_domain_xml(spec: DomainSpec) -> str:
+    """Write ``spec`` as libvirt domain XML (memory in KiB, rounded up).
+
+    ``parse_domain_xml(render_domain_xml(s))`` equals ``s`` except for ``xml``. An implicit
+    balloon with default settings is left out (libvirt adds it again).
+
+    :raises ValueError: for a disk without a target (libvirt needs ``<target dev=...>``).
+    """
+    root = etree.Element("domain", type=spec.domain_type)
+    _sub(root, "name", spec.name)
+    if spec.uuid is not None:
+        _sub(root, "uuid", spec.uuid)
+    if spec.agent:
+        guest = etree.SubElement(_sub(root, "metadata"), f"{{{BALLOONLAB_NS}}}guest",
+                                 nsmap={"balloonlab": BALLOONLAB_NS})
+        guest.set("agent", "serial1")
+    if spec.max_memory_bytes is not None:
+        _sub(root, "maxMemory", _kib(spec.max_memory_bytes), unit="KiB")
+    _sub(root, "memory", _kib(spec.memory_bytes), unit="KiB")
+    _sub(root, "currentMemory", _kib(spec.current_memory_bytes), unit="KiB")
+    _sub(root, "vcpu", str(spec.vcpus), placement="static")
+    os_node = _sub(root, "os")
+    _sub(os_node, "type", "hvm", arch=spec.arch, machine=spec.machine)
+    for tag in ("kernel", "initrd", "cmdline"):
+        if getattr(spec, tag) is not None:
+            _sub(os_node, tag, getattr(spec, tag))
+    devices = _sub(root, "devices")
+    if spec.emulator is not None:
+        _sub(devices, "emulator", spec.emulator)
+    for disk in spec.disks:
+        _render_disk(devices, disk)
+    for serial in spec.serials:
+        _render_serial(devices, serial)
+    _render_memballoon(devices, spec.memballoon)
+    return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def with_serial_socket_paths(xml: str, path_for_port: Callable[[int], str]) -> str:
+    """Give every ``<serial type='unix'>`` without a ``<source path>`` one, editing nothing else.
+
+    balloonlab's launcher picks serial socket paths itself, so its XML leaves them out;
+    libvirt refuses that ("Missing source path attribute for char device").
+
+    :param path_for_port: the socket path for a serial port number.
+    """
+    root, _ = _parse_root(xml)
+    for index, serial in enumerate(root.findall("devices/serial")):
+        source = serial.find("source")
+        if serial.get("type") != "unix" or (source is not None and source.get("path")):
+            continue
+        if source is None:
+            source = etree.Element("source", mode="bind")
+            serial.insert(0, source)
+        target = serial.find("target")
+        port = int(target.get("port", index)) if target is not None else index
+        source.set("path", path_for_port(port))
+    return etree.tostring(root, encoding="unicode")
+
+
+def with_changes(spec: DomainSpec, **fields: object) -> DomainSpec:
+    """:func:`dataclasses.replace` that also re-renders ``xml`` so it matches the new fields.
+
+    :raises TypeError: when ``xml`` is passed (it is derived) or a field name is unknown.
+    """
+    if "xml" in fields:
+        raise TypeError("xml is derived from the other fields; change those instead")
+    changed = dataclasses.replace(spec, **fields)
+    return dataclasses.replace(changed, xml=render_domain_xml(changed))
+
+
+# ---------------------------------------------------------------------------- built-in guest
+
+def _size_arg(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be bytes (int) or a size like '512M', got {type(value).__name__}")
+    nbytes = _round_up_kib(parse_size(value))
+    if nbytes <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return nbytes
+
+
+def _check_builtin_args(args: dict[str, object]) -> None:
+    for key in ("name", "kernel", "initrd", "cmdline", "machine", "model", "domain_type"):
+        if not isinstance(args[key], str):
+            raise TypeError(f"{key} must be a str, got {type(args[key]).__name__}")
+        if not args[key] and key != "cmdline":
+            raise ValueError(f"{key} must not be empty")
+    for key in ("autodeflate", "free_page_reporting"):
+        if args[key] is not None and not isinstance(args[key], bool):
+            raise TypeError(f"{key} must be True, False or None, got {args[key]!r}")
+    vcpus, period, alias = args["vcpus"], args["period_s"], args["alias"]
+    if not _GUEST_NAME.match(str(args["name"])):
+        raise ValueError(f"name {args['name']!r} is not usable; expected letters, digits, '_', '.', '+', '-'")
+    if type(vcpus) is not int or vcpus < 1:
+        raise ValueError(f"vcpus must be an int >= 1, got {vcpus!r}")
+    if period is not None and (type(period) is not int or not 0 <= period <= _PERIOD_MAX):
+        raise ValueError(f"period_s must be None or an int from 0 to {_PERIOD_MAX}, got {period!r}")
+    if args["model"] not in BALLOON_MODELS[:3] + ("none",):
+        raise ValueError(f"model {args['model']!r} is not a QEMU balloon; expected virtio, "
+                         "virtio-transitional, virtio-non-transitional or none")
+    if alias is not None and (not isinstance(alias, str) or not _QEMU_ID.match(alias)):
+        raise ValueError(f"alias {alias!r} is not a valid QEMU device id")
+    if args["domain_type"] not in ("qemu", "kvm"):
+        raise ValueError(f"domain_type must be 'qemu' or 'kvm', got {args['domain_type']!r}")
+
+
+def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory: int | str = "512M",
+                   current_memory: int | str | None = None, vcpus: int = 1, period_s: int | None = 1,
+                   model: str = "virtio", alias: str | None = None, autodeflate: bool | None = None,
+                   free_page_reporting: bool | None = None, machine: str = "pc",
+                   domain_type: str = "qemu") -> DomainSpec:
+    """The domain of balloonlab's built-in test guest: x86_64, direct kernel boot, no disks.
+
+    It carries the workload agent (``agent=True``): serial port 0 is the console, port 1 the
+    agent (the launcher decides where both go). ``xml`` is filled by :func:`render_domain_xml`.
+
+    :param memory: bytes (int) or a size like ``"512M"`` (:func:`balloonlab.units.parse_size`),
+        rounded up to a whole KiB. ``current_memory`` likewise; None means ``memory``.
+    :param period_s: the balloon stats period in seconds (None: no ``<stats>``, 0: disabled).
+    :param model: virtio, virtio-transitional, virtio-non-transitional, or none (no balloon).
+    :param alias: the balloon's device id (QEMU rules; libvirt keeps only ``ua-`` aliases).
+    :raises TypeError: for an argument of the wrong type.
+    :raises ValueError: for an out-of-range value, e.g. current_memory above memory.
+    """
+    _check_builtin_args(dict(locals()))
+    memory_bytes = _size_arg("memory", memory)
+    current = memory_bytes if current_memory is None else _size_arg("current_memory", current_memory)
+    if current > memory_bytes:
+        raise ValueError(f"current_memory ({current} bytes) must not exceed memory ({memory_bytes} bytes)")
+    balloon = None if model == "none" else MemballoonSpec(
+        model=model, alias=alias, autodeflate=autodeflate, free_page_reporting=free_page_reporting,
+        period_s=period_s)
+    spec = DomainSpec(name=name, uuid=None, domain_type=domain_type, memory_bytes=memory_bytes,
+                      current_memory_bytes=current, max_memory_bytes=None, vcpus=vcpus, arch="x86_64",
+                      machine=machine, emulator=None, kernel=kernel, initrd=initrd,
+                      cmdline=cmdline or None, disks=(),
+                      serials=(SerialSpec("pty", 0), SerialSpec("unix", 1)),
+                      memballoon=balloon, agent=True)
+    return dataclasses.replace(spec, xml=render_domain_xml(spec))

@@ -1,0 +1,140 @@
+"""The frozen description of one guest (:class:`DomainSpec` and its parts) and the limits
+libvirt puts on domain XML values. No XML here: :mod:`.parse` reads XML into these,
+:mod:`.render` writes them back."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+#: Namespace of balloonlab's ``<metadata>`` element marking a guest that runs the workload agent.
+BALLOONLAB_NS = "https://balloonlab.dev/xmlns/guest/1"
+#: ``<memballoon model=...>`` values that mean a balloon ('none' means no balloon).
+BALLOON_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional", "xen")
+#: ``<driver>`` virtio options of a memballoon, in libvirt's order (XML names).
+VIRTIO_DRIVER_OPTIONS = ("iommu", "ats", "packed", "page_per_vq")
+
+_PERIOD_MAX = 2**31 - 1  # libvirt keeps the period in a C int
+_DECIMAL = re.compile(r"\s*[0-9]{1,20}\s*\Z")  # 20 digits: a C unsigned long long
+# libvirt reads address numbers with strtoul(base 0): '18' decimal, '0x12' hex, '022' octal.
+_C_UINT = re.compile(r"(0[xX][0-9a-fA-F]{1,8}|0[0-7]{0,11}|[1-9][0-9]{0,9})\Z")
+_PCI_LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}
+_CCW_LIMITS = {"cssid": 0xFE, "ssid": 0x3, "devno": 0xFFFF}
+_QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")  # QEMU rejects other device ids
+_GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")  # safe as a runtime dir name
+_ONOFF = {"on": True, "off": False}
+
+
+@dataclass(frozen=True)
+class AddressSpec:
+    """A device address: ``type`` plus the numbers that type uses (the others are None).
+
+    :param type: 'pci', 'ccw', 'virtio-mmio', ... as in ``<address type=...>``.
+    :param domain: PCI domain; with ``bus``, ``slot``, ``function`` (type 'pci' only).
+    :param cssid: CCW channel subsystem id; with ``ssid`` and ``devno`` (type 'ccw' only).
+    """
+
+    type: str
+    domain: int | None = None
+    bus: int | None = None
+    slot: int | None = None
+    function: int | None = None
+    cssid: int | None = None
+    ssid: int | None = None
+    devno: int | None = None
+
+
+@dataclass(frozen=True)
+class MemballoonSpec:
+    """The ``<memballoon>`` element.
+
+    :param model: one of :data:`BALLOON_MODELS`.
+    :param alias: ``<alias name=...>``: the QEMU device id (libvirt uses ``balloon0`` without it).
+    :param autodeflate: ``autodeflate`` on/off, None when not given (QEMU ``deflate-on-oom``).
+    :param free_page_reporting: ``freePageReporting`` on/off, None when not given.
+    :param period_s: ``<stats period=...>`` in seconds, None without ``<stats>``; 0 disables.
+    :param driver_options: ``<driver>`` virtio options as (XML name, on) pairs, libvirt's order.
+    :param implicit: True when the XML had no ``<memballoon>`` and the default was added.
+    """
+
+    model: str
+    alias: str | None = None
+    address: AddressSpec | None = None
+    autodeflate: bool | None = None
+    free_page_reporting: bool | None = None
+    period_s: int | None = None
+    driver_options: tuple[tuple[str, bool], ...] = ()
+    implicit: bool = False
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A ``<disk>`` with a local source.
+
+    :param source: ``<source file=...>`` or ``<source dev=...>``.
+    :param format: ``<driver type=...>`` ('raw' by default, 'qcow2', ...).
+    :param device: 'disk' or 'cdrom'.
+    :param bus: ``<target bus=...>`` ('virtio', 'ide', 'sata', 'scsi') or None.
+    :param target: ``<target dev=...>`` ('vda', 'hda', ...) or None.
+    :param readonly: ``<readonly/>`` present.
+    """
+
+    source: str
+    format: str = "raw"
+    device: str = "disk"
+    bus: str | None = None
+    target: str | None = None
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class SerialSpec:
+    """A ``<serial>`` port: chardev ``type``, ``<target port=...>``, ``<source path=...>``."""
+
+    type: str
+    port: int
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """What balloonlab needs to know about a libvirt domain. Sizes are bytes (whole KiB).
+
+    ``xml`` is the source text as given (for a spec built in Python: as rendered). Use
+    :func:`with_changes` rather than :func:`dataclasses.replace` to get a spec whose ``xml``
+    matches its fields.
+    """
+
+    name: str
+    uuid: str | None
+    domain_type: str
+    memory_bytes: int
+    current_memory_bytes: int
+    max_memory_bytes: int | None
+    vcpus: int
+    arch: str | None
+    machine: str | None
+    emulator: str | None
+    kernel: str | None
+    initrd: str | None
+    cmdline: str | None
+    disks: tuple[DiskSpec, ...]
+    serials: tuple[SerialSpec, ...]
+    memballoon: MemballoonSpec | None
+    agent: bool
+    xml: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def has_balloon(self) -> bool:
+        """True unless the domain says ``<memballoon model='none'/>``."""
+        return self.memballoon is not None
+
+    @property
+    def period_s(self) -> int | None:
+        """The balloon's stats period in seconds, None without a balloon or ``<stats>``."""
+        return self.memballoon.period_s if self.memballoon is not None else None
+
+
+# ---------------------------------------------------------------------------- parsing helpers
+
