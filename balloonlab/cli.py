@@ -91,6 +91,7 @@ def print_summary(run: Run) -> None:
         print(f"guest {guest}: {len(rows)} samples over {(rows.index[-1] - rows.index[0]).total_seconds():.0f} s, "
               f"{resets} resets, median age {rows['age_s'].median():.2f} s")
     steps = step_response(samples, events)
+    steps = steps[steps["start_actual"].notna()]  # a target sent before any sample: nothing measured
     if len(steps):
         print(f"\n{'at':>6} {'direction':9} {'from':>9} {'target':>9} {'reached':>7} {'time_s':>7} {'MiB/s':>7}")
         t0 = samples.index[0]

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from .command import build_argv, qemu_binary_for, resolve_accel
 from .domain import DomainSpec, parse_domain_xml
 from .errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
 from .guestbase import GuestBase, Origin, as_spec
+from .kernel import kernel_release
 from .monitor import Monitor
 from .stats import process_rss_bytes
 from .workload import Workload
@@ -196,10 +198,14 @@ class Guest(GuestBase):
 
     # -- state ----------------------------------------------------------------------------
     async def metadata(self) -> dict[str, object]:
-        """What a run records about this guest: domain XML, command line, QEMU version."""
+        """What a run records about this guest: domain XML, command line, QEMU and kernel versions."""
         version = (await self.monitor.execute("query-version"))["qemu"]
+        kernel = self.spec.kernel if self.spec else None
         return {"name": self.name, "backend": self.backend, "origin": self.origin, "pid": self.pid,
                 "qemu_version": f"{version['major']}.{version['minor']}.{version['micro']}",
+                # The guest kernel's release, read from its bzImage header (direct kernel boot).
+                "guest_kernel": kernel_release(Path(kernel)) if kernel and Path(kernel).is_file() else None,
+                "host_kernel": platform.release(),
                 "argv": self.record.argv if self.record else None,
                 "accel": self.record.accel if self.record else None,
                 "qmp_socket": self.monitor.socket_path,

@@ -188,3 +188,17 @@ async def test_workload_forgets_memory_the_oom_killer_took(spec):
         in_guest = sum(int(item.split(":")[1]) for item in listed.split(",") if item)
         assert guest.workload.held == in_guest < 400 * MiB  # what the host believes = the truth
         await guest.workload.ping()  # the agent itself survived
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+async def test_disk_images_from_the_domain_xml_are_attached_in_their_format(spec, tmp_path, fmt):
+    from balloonlab.domain import DiskSpec, with_changes
+    image = tmp_path / f"disk.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), "64M"], check=True)
+    with_disk = with_changes(spec(), disks=(DiskSpec(source=str(image), format=fmt, bus="virtio", target="vda"),))
+    assert f"type='{fmt}'" in with_disk.xml or f'type="{fmt}"' in with_disk.xml
+    async with await Guest.launch(with_disk) as guest:
+        blocks = await guest.monitor.execute("query-block")
+        files = {b["inserted"]["file"]: b["inserted"]["drv"] for b in blocks if b.get("inserted")}
+        assert files == {str(image): fmt}
+        assert (await guest.balloon.wait_for_stats(30)).available  # and the guest still boots

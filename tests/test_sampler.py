@@ -43,7 +43,7 @@ async def two_guests(spec, guest_name):
             await g.shutdown()
 
 
-async def test_two_guests_each_sample_once_and_values_match_a_direct_qom_get(two_guests, tmp_path):
+async def test_two_guests_each_sample_once_and_values_match_a_direct_qom_get(two_guests, tmp_path, builtin_ready):
     a, b = two_guests
     async with Sampler(run_dir=tmp_path / "run", flush_interval_s=1) as sampler:
         for g in two_guests:
@@ -77,6 +77,7 @@ async def test_two_guests_each_sample_once_and_values_match_a_direct_qom_get(two
     assert saved.metadata["status"] == "finished"
     assert set(saved.metadata["guests"]) == {a.name, b.name}
     assert saved.metadata["guests"][a.name]["qemu_version"].startswith("7.")
+    assert saved.metadata["guests"][a.name]["guest_kernel"] == builtin_ready.kernel_version
 
 
 async def test_a_killed_guest_is_marked_dead_its_rows_kept_and_others_go_on(two_guests):
