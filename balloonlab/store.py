@@ -20,7 +20,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,11 +158,3 @@ def new_run_dir(root: str | os.PathLike[str] = "runs", name: str = "run") -> Pat
         candidate = Path(f"{base}-{n}")
     return candidate
 
-
-def guests_in(frames: Iterable[pd.DataFrame]) -> list[str]:
-    """Guest names present in any of the frames, sorted."""
-    names: set[str] = set()
-    for frame in frames:
-        if "guest" in frame:
-            names.update(map(str, frame["guest"].dropna().unique()))
-    return sorted(names)
