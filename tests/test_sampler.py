@@ -70,8 +70,9 @@ async def test_two_guests_each_sample_once_and_values_match_a_direct_qom_get(two
         assert not mine.duplicated(subset=["last_update", "free_memory", "minor_faults"]).any()
         assert (mine["actual"] == 512 * MiB).all() and (mine["period_s"] == 1).all()
         assert (mine["rss"] > 50 * MiB).all()
-        # Steady state: about one QMP command per recorded sample, not a blind loop.
-        assert states[g.name].polls <= 1.6 * states[g.name].samples + 3
+        # About one QMP command per recorded sample, not a blind loop (which reads 4x at 0.25 s);
+        # learning each guest's report phase costs at most ~7 reads once (bisection of 1 s).
+        assert states[g.name].polls <= 1.3 * states[g.name].samples + 8
     saved = load_run(tmp_path / "run")
     pd.testing.assert_frame_equal(saved.samples, frame, check_freq=False)
     assert saved.metadata["status"] == "finished"
