@@ -35,19 +35,32 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from ._libvirt_balloon import LibvirtBalloon, stats_from_libvirt
+from ._libvirt_files import (
+    agent_root,
+    pid_is_domain,
+    prepare_xml,
+    qemu_log_size,
+    qemu_log_tail,
+    qemu_pid,
+)
 from ._libvirt_link import DomainLink, ensure_event_loop, error_text, libvirt_qemu
 from .domain import DomainSpec
-from .errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
+from .errors import (
+    BalloonLabError,
+    BalloonNotFound,
+    CommandError,
+    LaunchError,
+    MonitorError,
+)
 from .guestbase import GuestBase, Origin, as_spec
 from .stats import process_rss_bytes
 from .workload import Workload
-from ._libvirt_files import (agent_root, pid_is_domain, prepare_xml, qemu_log_size, qemu_log_tail,
-                             qemu_pid)
 
 __all__ = ["DEFAULT_URI", "LibvirtBalloon", "LibvirtGuest", "agent_root", "stats_from_libvirt"]
 
@@ -161,15 +174,11 @@ class LibvirtGuest(GuestBase):
         :raises MonitorError: no such domain, or it is not running (libvirt's message kept).
         """
         guest = await cls._adopt(name_or_uuid, uri, stats_via, "attached")
-        try:
+
+        async def period_rule() -> None:
             if set_period and guest.spec.period_s is not None:
                 await guest._apply_period_at_attach(guest.spec.period_s)
-            if agent and guest.agent_socket is not None:
-                await guest._connect_agent(30.0)
-        except BaseException:
-            await guest._disconnect()
-            raise
-        return guest
+        return await guest._settle(period_rule, agent)
 
     @classmethod
     async def reconnect(cls, name_or_uuid: str, *, uri: str = DEFAULT_URI,
@@ -177,16 +186,24 @@ class LibvirtGuest(GuestBase):
         """Reconnect to a running domain (e.g. after a kernel restart). Never sets the period:
         a period changed on the live guest stays (:attr:`period_at_connect` holds it)."""
         guest = await cls._adopt(name_or_uuid, uri, stats_via, "reconnected")
-        try:
+
+        async def read_live_period() -> None:
             if guest.balloon.has_device:
                 with contextlib.suppress(BalloonNotFound, CommandError):
                     guest.period_at_connect = await guest.balloon.get_period()
-            if agent and guest.agent_socket is not None:
-                await guest._connect_agent(30.0)
+        return await guest._settle(read_live_period, agent)
+
+    async def _settle(self, period_rule: Callable[[], Awaitable[None]], agent: bool) -> LibvirtGuest:
+        """Apply the origin's period rule and connect the agent if asked; on any failure the
+        handle is disconnected (the domain itself is left as it was)."""
+        try:
+            await period_rule()
+            if agent and self.agent_socket is not None:
+                await self._connect_agent(30.0)
         except BaseException:
-            await guest._disconnect()
+            await self._disconnect()
             raise
-        return guest
+        return self
 
     @classmethod
     async def _adopt(cls, name_or_uuid: str, uri: str, stats_via: str, origin: Origin) -> LibvirtGuest:
