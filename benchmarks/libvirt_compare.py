@@ -146,8 +146,17 @@ async def _poll(read: Callable[[], Awaitable[bool]], t0: float, timeout_s: float
 
 
 async def startup_balloonlab(name: str) -> tuple[float, float]:
+    return await _startup_guest(lambda: Guest.launch(builtin_spec(name, period_s=1)))
+
+
+async def startup_libvirtguest(name: str) -> tuple[float, float]:
+    return await _startup_guest(lambda: LibvirtGuest.launch(builtin_spec(name, period_s=1), agent=False))
+
+
+async def _startup_guest(launch: Callable[[], Awaitable[Guest | LibvirtGuest]]) -> tuple[float, float]:
+    """Seconds from the call to "launched" and to the first available stats sample."""
     t0 = time.monotonic()
-    guest = await Guest.launch(builtin_spec(name, period_s=1))
+    guest = await launch()
     launched = time.monotonic() - t0
     try:
         first = await _poll(lambda: _available(guest.balloon.read_stats(query_actual=False)), t0)
@@ -181,17 +190,6 @@ async def startup_virsh(name: str, conn: libvirt.virConnect) -> tuple[float, flo
         os.unlink(handle.name)
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
-    return launched, first
-
-
-async def startup_libvirtguest(name: str) -> tuple[float, float]:
-    t0 = time.monotonic()
-    guest = await LibvirtGuest.launch(builtin_spec(name, period_s=1), agent=False)
-    launched = time.monotonic() - t0
-    try:
-        first = await _poll(lambda: _available(guest.balloon.read_stats(query_actual=False)), t0)
-    finally:
-        await guest.shutdown()
     return launched, first
 
 
