@@ -127,10 +127,16 @@ class Sampler:
             raise ValueError(f"guest {guest.name!r} is already being sampled")
         state = GuestState(guest.name)
         self._guests[guest.name] = (guest, state)
-        guest.balloon.add_listener(lambda change, name=guest.name: self._on_balloon_change(name, change))
-        guest.balloon.add_setting_listener(lambda kind, value, name=guest.name: self.record_event(name, kind, value))
+        # Listeners cannot be unregistered from a guest's balloon or agent: each one checks that
+        # its guest is still sampled under this state, so remove() (and a later add()) never
+        # records an event twice or after the guest left the run.
+        name = guest.name
+        guest.balloon.add_listener(lambda change: self._listening(state) and self.record_event(
+            name, "balloon_change", change.actual, at=change.time))
+        guest.balloon.add_setting_listener(lambda kind, value: self._listening(state) and self.record_event(
+            name, kind, value))
         if getattr(guest, "has_agent", False):
-            guest.workload.add_listener(lambda change, name=guest.name: self.record_event(
+            guest.workload.add_listener(lambda change: self._listening(state) and self.record_event(
                 name, "workload", change.held, change.detail, change.duration_s, change.time))
         if self._writer is not None:
             with contextlib.suppress(BalloonLabError):
@@ -209,8 +215,9 @@ class Sampler:
         state.task = asyncio.get_running_loop().create_task(self._sample(guest, state),
                                                             name=f"balloonlab-sample-{guest.name}")
 
-    def _on_balloon_change(self, name: str, change: BalloonChange) -> None:
-        self.record_event(name, "balloon_change", change.actual, at=change.time)
+    def _listening(self, state: GuestState) -> bool:
+        current = self._guests.get(state.name)
+        return current is not None and current[1] is state and state.state != "removed"
 
     async def _sample(self, guest: SampledGuest, state: GuestState) -> None:
         balloon = guest.balloon

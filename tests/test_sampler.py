@@ -195,3 +195,14 @@ async def test_experiment_runs_schedules_and_writes_a_complete_run(spec, tmp_pat
     assert run.samples["actual"].min() <= 260 * MiB  # the inflate really happened
     assert run.plot_path.exists() and run.plot_path.read_bytes()[:4] == b"\x89PNG"
     assert run.metadata["schedule"]["balloon"][1] == [3, 256 * MiB]
+
+
+async def test_a_removed_and_readded_guest_records_each_event_once(guest):
+    async with Sampler() as sampler:
+        await sampler.add(guest)
+        await sampler.remove(guest.name)
+        await guest.balloon.set_target("400M")  # after remove: not this run's business
+        await sampler.add(guest)
+        await guest.balloon.set_target("384M")
+        targets = sampler.events().query("kind == 'target'")["value"].tolist()
+    assert targets == [384 * MiB]
