@@ -1,41 +1,60 @@
 """balloonlab: study how QEMU guests use memory under a virtio balloon.
 
-The async core (``Guest``, ``Balloon``, ``Monitor``) is re-exported here with the blocking
-facade for notebooks and scripts (``SyncGuest``). See README.md for a tour.
+The flat public API. The async core (``Guest``, ``Balloon``, ``Sampler``) and its blocking
+twins for notebooks and scripts (``SyncGuest``, ``SyncSampler``) are re-exported here from
+the layer packages (see README.md, "Where things live"). The widgets and the libvirt backend
+load only when asked for (``bl.dashboard``, ``bl.LibvirtGuest``, ``bl.SyncLibvirtGuest``), so
+an analysis script's ``import balloonlab`` needs neither ipywidgets nor libvirt-python.
 """
 
-from .balloon import Balloon, BalloonChange, SettleResult, validate_period
-from .builtin import builtin_spec
-from .domain import DomainSpec, MemballoonSpec, load_domain_xml, parse_domain_xml, render_domain_xml
-from .errors import (AgentError, BalloonLabError, BalloonLabWarning, BalloonNotFound, CommandError, DomainXMLError,
-                     GuestImageError, GuestNameInUse, LaunchError, MonitorError, StatsUnavailable)
-from . import accessor as accessor  # registers the df.balloon accessor
-from .guest import Guest, list_guests
-from .monitor import Monitor, QMPEvent
-from .stats import BalloonStats, format_dommemstat, libvirt_view
-from .sync import SyncBalloon, SyncGuest, SyncSampler, SyncWorkload, run_experiment
-from .units import format_size, parse_size
-from .workload import Workload
-from .experiment import Experiment, Schedule
-from .sampler import Sampler
-from .store import Run, load_run
-
-from ._version import __version__ as __version__
+from balloonlab import analysis as analysis  # registers the df.balloon accessor
+from balloonlab._version import __version__ as __version__
+from balloonlab.analysis.plotting import plot_memory
+from balloonlab.blocking import SyncBalloon, SyncGuest, SyncSampler, SyncWorkload, run_experiment
+from balloonlab.domain import DomainSpec, MemballoonSpec, load_domain_xml, parse_domain_xml, render_domain_xml
+from balloonlab.experiments import Experiment, Schedule
+from balloonlab.image import Workload, builtin_spec
+from balloonlab.model import BalloonBase, BalloonChange, BalloonStats, SettleResult, StatsClassifier, validate_period
+from balloonlab.model.errors import (
+    AgentError,
+    BalloonLabError,
+    BalloonLabWarning,
+    BalloonNotFound,
+    CommandError,
+    DomainXMLError,
+    GuestImageError,
+    GuestNameInUse,
+    LaunchError,
+    MonitorError,
+    StatsUnavailable,
+)
+from balloonlab.model.stats import format_dommemstat, libvirt_view
+from balloonlab.model.units import format_size, parse_size
+from balloonlab.qemu import Balloon, Guest, Monitor, QMPEvent, list_guests
+from balloonlab.record import Run, Sampler, SamplingState, load_run, new_run_dir
 
 __all__ = [
-    "AgentError", "Balloon", "BalloonChange", "BalloonLabError", "BalloonLabWarning", "BalloonNotFound",
-    "BalloonStats", "CommandError", "DomainSpec", "DomainXMLError", "Guest", "GuestImageError",
-    "GuestNameInUse", "LaunchError", "MemballoonSpec", "Monitor", "MonitorError", "QMPEvent",
-    "SettleResult", "StatsUnavailable", "SyncBalloon", "SyncGuest", "SyncSampler", "SyncWorkload", "Workload",
-    "builtin_spec", "format_dommemstat", "format_size", "libvirt_view", "list_guests",
-    "load_domain_xml", "parse_domain_xml", "parse_size", "render_domain_xml", "validate_period",
-    "Experiment", "Schedule", "Sampler", "Run", "load_run", "run_experiment", "dashboard",
+    "AgentError", "Balloon", "BalloonBase", "BalloonChange", "BalloonLabError", "BalloonLabWarning",
+    "BalloonNotFound", "BalloonStats", "CommandError", "DomainSpec", "DomainXMLError", "Experiment", "Guest",
+    "GuestImageError", "GuestNameInUse", "LaunchError", "LibvirtGuest", "MemballoonSpec", "Monitor",
+    "MonitorError", "QMPEvent", "Run", "Sampler", "SamplingState", "Schedule", "SettleResult",
+    "StatsClassifier", "StatsUnavailable", "SyncBalloon", "SyncGuest", "SyncLibvirtGuest", "SyncSampler",
+    "SyncWorkload", "Workload", "builtin_spec", "dashboard", "format_dommemstat", "format_size",
+    "libvirt_view", "list_guests", "load_domain_xml", "load_run", "new_run_dir", "parse_domain_xml",
+    "parse_size", "plot_memory", "render_domain_xml", "run_experiment", "validate_period",
 ]
 
 
 def __getattr__(name: str) -> object:
-    # Lazy: `import balloonlab` in an analysis script must not pull in the widget stack.
+    # Lazy: `import balloonlab` in an analysis script must not pull in the widget stack or
+    # need libvirt-python.
     if name == "dashboard":
-        from .widgets import dashboard
+        from balloonlab.widgets import dashboard
         return dashboard
+    if name == "LibvirtGuest":
+        from balloonlab.libvirt import LibvirtGuest
+        return LibvirtGuest
+    if name == "SyncLibvirtGuest":
+        from balloonlab.blocking.libvirt import SyncLibvirtGuest
+        return SyncLibvirtGuest
     raise AttributeError(f"module 'balloonlab' has no attribute {name!r}")

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import BalloonLabError
-from .experiment import Experiment, Schedule
-from .store import Run
-from .units import format_size
+from balloonlab.experiments.runner import Experiment, Schedule
+from balloonlab.model.errors import BalloonLabError
+from balloonlab.model.units import format_size
+from balloonlab.record.store import Run
 
 
 def _cmd_guest_build(args: argparse.Namespace) -> int:
-    from .guestimage import build_guest_image
+    from balloonlab.image.build import build_guest_image
     image = build_guest_image(kernel=args.kernel, modules_dir=args.modules_dir, rebuild=args.rebuild,
                               log=lambda line: print(line, flush=True))
     print(f"kernel:    {image.kernel} ({image.kernel_source}, {image.kernel_version})")
@@ -31,7 +31,7 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .guest import list_guests
+    from balloonlab.qemu.guest import list_guests
     records = list_guests()
     if not records:
         print("no guests running")
@@ -42,7 +42,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 async def _stop(name: str) -> bool:
-    from .guest import Guest
+    from balloonlab.qemu.guest import Guest
     guest = await Guest.reconnect(name)
     return await guest.shutdown()
 
@@ -55,7 +55,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 def demo_experiment(run_root: str | Path = "runs", duration_s: float = 62.0) -> Experiment:
     """The main job: the built-in guest under a workload ramp and balloon steps, ~1 minute."""
-    from .builtin import builtin_spec
+    from balloonlab.image.builtin import builtin_spec
     balloon = Schedule.from_list([(0, "512M"), (10, "384M"), (20, "288M"), (32, "512M"),
                                   (44, "320M"), (54, "512M")])
     workload = Schedule.from_list([(0, 0), (4, "40M"), (8, "80M"), (12, "120M"), (16, "160M"),
@@ -84,7 +84,7 @@ class _ProgressBar:
 
 def print_summary(run: Run) -> None:
     """The summary table of a run: samples per guest and the balloon's step responses."""
-    from .analysis import step_response
+    from balloonlab.analysis.measures import step_response
     samples, events = run.samples, run.events
     for guest, rows in samples.groupby("guest", observed=True):
         resets = int(rows["reset"].sum())
@@ -114,9 +114,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def _record(args: argparse.Namespace) -> Run:
-    from .guest import Guest
-    from .sampler import Sampler
-    from .store import load_run, new_run_dir
+    from balloonlab.qemu.guest import Guest
+    from balloonlab.record.sampler import Sampler
+    from balloonlab.record.store import load_run, new_run_dir
     guest = await Guest.attach(args.qmp, args.domain_xml)
     run_dir = Path(args.out) if args.out else new_run_dir(args.runs, guest.name)
     sampler = Sampler(run_dir=run_dir)
@@ -136,7 +136,7 @@ async def _record(args: argparse.Namespace) -> Run:
         print()
     run = load_run(run_dir)
     if len(run.samples):
-        from .plotting import save_run_plot
+        from balloonlab.analysis.plotting import save_run_plot
         save_run_plot(run.samples, run.events, run.plot_path)
     return run
 
@@ -148,8 +148,8 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .plotting import save_run_plot
-    from .store import load_run
+    from balloonlab.analysis.plotting import save_run_plot
+    from balloonlab.record.store import load_run
     run = load_run(args.run)
     if not len(run.samples):
         raise BalloonLabError(f"run {args.run} has no samples to plot")

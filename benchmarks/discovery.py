@@ -44,8 +44,8 @@ from pathlib import Path
 from _common import environment, median, print_table, quantile, ratio, write_json
 
 from balloonlab import Guest, Monitor, builtin_spec
-from balloonlab.discovery import find_balloon
-from balloonlab.monitor import ConnectionCache
+from balloonlab.qemu.discovery import find_balloon
+from balloonlab.qemu.monitor import ConnectionCache
 
 METHODS = ("alias", "anon", "walk", "cached")
 COLUMNS = ("machine", "method", "round_trips", "median_ms", "p10_ms", "p90_ms", "x_alias_time", "x_alias_rtt")

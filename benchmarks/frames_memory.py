@@ -5,7 +5,7 @@ stats, actual, target, period_s, rss, age_s, reset, for ``--guests`` guests taki
 row a fresh dict of fresh int objects (as parsed from QMP JSON). Every method runs in its own
 child process, so one's freed memory cannot hide another's growth:
 
-* ``columnar``  ``balloonlab.frames.sample_buffer()``: ``append(time_ns, row)`` for
+* ``columnar``  ``balloonlab.record.buffer.sample_buffer()``: ``append(time_ns, row)`` for
                 ``--frame-rows`` rows (10 M); memory = RSS growth over the first 1 M rows (and
                 the bytes its arrays hold); ``frame()`` is timed at 1 M and at 10 M rows;
 * ``dicts``     the baseline: rows (with their time) kept in a list, then
@@ -74,7 +74,7 @@ def time_ns_of(i: int, guests: int) -> int:
 
 # -- parts (each in its own process) -----------------------------------------------------------
 def part_columnar(rows: int, frame_rows: int, guests: int) -> dict[str, Any]:
-    from balloonlab.frames import sample_buffer
+    from balloonlab.record.buffer import sample_buffer
     buf = sample_buffer()
     gc.collect()
     rss0 = rss_bytes()

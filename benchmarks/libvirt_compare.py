@@ -42,7 +42,7 @@ from _common import environment, median, print_table, quantile, ratio, write_jso
 import libvirt  # noqa: E402
 
 from balloonlab import Guest, builtin_spec  # noqa: E402
-from balloonlab._libvirt_files import prepare_xml  # noqa: E402
+from balloonlab.libvirt.files import prepare_xml  # noqa: E402
 from balloonlab.libvirt import LibvirtGuest  # noqa: E402
 
 URI = "qemu:///system"
@@ -166,7 +166,7 @@ async def _startup_guest(launch: Callable[[], Awaitable[Guest | LibvirtGuest]]) 
 
 
 async def _available(read: Awaitable[object]) -> bool:
-    return (await read).available  # type: ignore[attr-defined]
+    return (await read).reported  # type: ignore[attr-defined]
 
 
 async def startup_virsh(name: str, conn: libvirt.virConnect) -> tuple[float, float]:

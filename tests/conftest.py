@@ -63,7 +63,7 @@ def guest_name() -> str:
 @pytest.fixture(scope="session")
 def builtin_ready():
     """The built-in guest image must have been built by the setup step (make test does it)."""
-    from balloonlab.guestimage import find_guest_image
+    from balloonlab.image.build import find_guest_image
     image = find_guest_image()
     if image is None:
         pytest.fail("built-in guest image missing: run `make test` (or `balloonlab guest build`) first")

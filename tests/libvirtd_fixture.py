@@ -66,7 +66,7 @@ def _ours(name: str, *, stale: bool) -> bool:
 def _cleanup(*, stale: bool = False) -> list[str]:
     import libvirt
 
-    from balloonlab._libvirt_files import agent_root
+    from balloonlab.libvirt.files import agent_root
     left = []
     conn = libvirt.open(URI)
     try:

@@ -7,9 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-import balloonlab.accessor  # noqa: F401  (registers df.balloon)
+import balloonlab.analysis.accessor  # noqa: F401  (registers df.balloon)
 from balloonlab.analysis import memory_held_vs_available, retouch_cost, step_response, summary
-from balloonlab.stats import BalloonStats, libvirt_view
+from balloonlab.model.stats import BalloonStats, libvirt_view
 
 MiB = 1 << 20
 T0 = pd.Timestamp("2024-05-01 12:00:00", tz="UTC")
@@ -75,7 +75,7 @@ def test_libvirt_view_names_units_and_order_match_virsh():
     assert pd.isna(first["hugetlb_pgfail"])  # not in the frame: NA, like libvirt leaving it out
     assert view.iloc[1]["last_update"] == 0 and view.iloc[1]["actual"] == 1
     assert view.index.equals(frame.index) and view["guest"].tolist() == ["a", "a"]
-    # Same numbers as the per-sample libvirt_view in balloonlab.stats.
+    # Same numbers as the per-sample libvirt_view in balloonlab.model.stats.
     stats = {k: row[k] for k in STATS if k in row}
     expected = libvirt_view(BalloonStats(0.0, int(T0.timestamp()), stats, row["actual"]), row["rss"])
     assert {k: int(v) for k, v in first.drop("guest").dropna().items()} == expected

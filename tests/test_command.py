@@ -1,4 +1,4 @@
-"""balloonlab.command against libvirt's expected command lines, plus a real QEMU boot check."""
+"""balloonlab.qemu.argv against libvirt's expected command lines, plus a real QEMU boot check."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from balloonlab.command import (balloon_device, build_argv, kvm_usable, memory_option,
+from balloonlab.qemu.argv import (balloon_device, build_argv, kvm_usable, memory_option,
                                 qemu_binary_for, resolve_accel)
 from balloonlab.domain import (AddressSpec, DiskSpec, DomainSpec, MemballoonSpec, builtin_domain,
                                load_domain_xml, with_changes)

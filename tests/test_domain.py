@@ -11,8 +11,8 @@ import pytest
 from balloonlab.domain import (BALLOONLAB_NS, AddressSpec, DiskSpec, DomainSpec, MemballoonSpec,
                                SerialSpec, builtin_domain, load_domain_xml, parse_domain_xml,
                                render_domain_xml, with_changes)
-from balloonlab.errors import DomainXMLError
-from balloonlab.units import UNITS
+from balloonlab.model.errors import DomainXMLError
+from balloonlab.model.units import UNITS
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "libvirt-memballoon"
 

@@ -7,8 +7,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from balloonlab.frames import event_buffer, sample_buffer
-from balloonlab.store import RunWriter, load_run, read_table
+from balloonlab.record.buffer import event_buffer, sample_buffer
+from balloonlab.record.store import RunWriter, load_run, read_table
 
 
 def rows(buffer, n, guest="g", start=0):

@@ -22,11 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from balloonlab import _kmod, guestimage, kernel
-from balloonlab._cpio import CpioWriter, gzip_bytes
-from balloonlab.errors import GuestImageError
-from balloonlab.guestimage import GuestImage, build_guest_image, find_guest_image
-from balloonlab.kernel import KernelInfo, acquire_kernel
+from balloonlab.image import kmod as _kmod
+
+from balloonlab.image import build as guestimage
+
+from balloonlab.image import kernel
+from balloonlab.image.cpio import CpioWriter, gzip_bytes
+from balloonlab.model.errors import GuestImageError
+from balloonlab.image.build import GuestImage, build_guest_image, find_guest_image
+from balloonlab.image.kernel import KernelInfo, acquire_kernel
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 QEMU = shutil.which("qemu-system-x86_64")

@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("libvirt", reason="libvirt-python missing: pip install -e '.[libvirt]'")
 
 from balloonlab import builtin_spec, format_dommemstat, libvirt_view  # noqa: E402
-from balloonlab.discovery import POLLING_PROPERTY  # noqa: E402
+from balloonlab.model.period import POLLING_PROPERTY  # noqa: E402
 from balloonlab.domain import with_changes  # noqa: E402
-from balloonlab.errors import (BalloonNotFound, CommandError, LaunchError,  # noqa: E402
+from balloonlab.model.errors import (BalloonNotFound, CommandError, LaunchError,  # noqa: E402
                                MonitorError)
 from balloonlab.libvirt import LibvirtGuest, agent_root  # noqa: E402
 

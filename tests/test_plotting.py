@@ -10,8 +10,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-import balloonlab.accessor  # noqa: E402,F401  (registers df.balloon)
-from balloonlab.plotting import plot_memory, save_run_plot, update_memory_plot  # noqa: E402
+import balloonlab.analysis.accessor  # noqa: E402,F401  (registers df.balloon)
+from balloonlab.analysis.plotting import plot_memory, save_run_plot, update_memory_plot  # noqa: E402
 
 from .test_analysis import MiB, events_frame, samples_frame  # noqa: E402
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from balloonlab import Guest, StatsUnavailable, format_dommemstat, libvirt_view
-from balloonlab.stats import UNSET, parse_guest_stats
+from balloonlab.model.stats import UNSET, parse_guest_stats
 
 MiB = 1 << 20
 
@@ -22,7 +22,7 @@ def test_sentinel_and_newer_stat_names_are_kept_honest():
     assert stats["oom_kills"] == 3  # a stat newer QEMUs add is kept, not dropped
     assert stats.age_s == 2.5
     never = parse_guest_stats({"last-update": 0, "stats": {"stat-free-memory": UNSET}})
-    assert never.last_update is None and not never.available and never.age_s is None
+    assert never.last_update is None and not never.reported and never.age_s is None
 
 
 async def test_guest_without_balloon_driver_never_reports(spec):
@@ -36,16 +36,26 @@ async def test_guest_without_balloon_driver_never_reports(spec):
         assert err.value.last_update == 0
 
 
-async def test_only_new_samples_are_marked_new(guest):
-    first = await guest.balloon.wait_for_stats(30)
-    again = await guest.read_stats()
-    if again.last_update == first.last_update:
-        assert not again.new
+async def test_only_new_samples_are_marked_new_per_reader(guest):
+    from balloonlab import StatsClassifier
+    await guest.balloon.wait_for_stats(30)
+    await guest.balloon.set_period(0)  # polling off: the last report stays as it is
+    mine = StatsClassifier()
+    first = await guest.balloon.read_stats(classifier=mine)
+    again = await guest.balloon.read_stats(classifier=mine)
+    assert first.new and not again.new  # the same report, read twice by one reader
+    assert again.last_update == first.last_update
+    # Reading is pure: another reader (the interactive default) still sees it as new.
+    assert (await guest.read_stats()).new
+    assert not (await guest.read_stats()).new
+    raw = await guest.balloon.read_report()
+    assert not raw.new and raw.last_update == first.last_update
+    await guest.balloon.set_period(1)  # the first enable polls at once
     deadline = time.monotonic() + 5
-    while not (later := await guest.read_stats()).new:
+    while not (later := await guest.balloon.read_stats(classifier=mine)).new:
         assert time.monotonic() < deadline, "no new sample within 5 periods"
         await asyncio.sleep(0.2)
-    assert later.last_update > first.last_update
+    assert later.stats != first.stats or later.last_update > first.last_update
 
 
 async def test_paused_guest_gives_no_new_samples_and_no_error(guest):
@@ -67,6 +77,7 @@ async def test_paused_guest_gives_no_new_samples_and_no_error(guest):
 async def test_guest_reset_is_marked_on_the_next_sample(guest):
     await guest.balloon.wait_for_stats(30)
     await guest.workload.alloc("64M")  # make the fault counters move
+    assert (await guest.read_stats()).new  # this reader has seen the guest before the reset
     await guest.monitor.execute("system_reset")
     deadline = time.monotonic() + 30
     while True:
@@ -118,7 +129,7 @@ async def test_balloon_change_events_arrive_with_host_timestamps(guest):
 
 
 @pytest.mark.parametrize("target, error, match", [
-    (0, ValueError, "above 0"), (-5, ValueError, "negative"), ("256Mb", ValueError, "unknown memory unit"),
+    (0, ValueError, "below one page"), (256, ValueError, "did you mean .256M."), (-5, ValueError, "negative"), ("256Mb", ValueError, "unknown memory unit"),
     ("1G", ValueError, "above the guest's memory"), (True, TypeError, "int"), (2.5, TypeError, "int")])
 async def test_bad_targets_are_refused_with_a_clear_message(guest, target, error, match):
     before = guest.monitor.round_trips

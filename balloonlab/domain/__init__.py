@@ -5,16 +5,24 @@ one that uses lxml). :func:`parse_domain_xml` turns what libvirt accepts into im
 libvirt's own defaults applied (memory in KiB unless ``unit=`` says otherwise, rounded up to a
 whole KiB and stored in bytes; ``currentMemory`` = ``memory`` when absent; an implicit virtio
 balloon when there is no ``<memballoon>``), and reports bad input as
-:class:`~balloonlab.errors.DomainXMLError` with the line and element. :func:`render_domain_xml`
+:class:`~balloonlab.model.errors.DomainXMLError` with the line and element. :func:`render_domain_xml`
 writes a spec back as XML libvirt accepts and :func:`builtin_domain` builds balloonlab's own test
-guest. ``balloonlab.command`` turns a spec into a QEMU command line; nothing here starts anything.
+guest. ``balloonlab.qemu.argv`` turns a spec into a QEMU command line; nothing here starts anything.
 """
 
-from .parse import load_domain_xml, parse_domain_xml
-from .render import builtin_domain, render_domain_xml, with_changes, with_serial_socket_paths
-from .spec import (BALLOON_MODELS, BALLOONLAB_NS, VIRTIO_DRIVER_OPTIONS, AddressSpec, DiskSpec,
-                   DomainSpec, MemballoonSpec, SerialSpec)
+from balloonlab.domain.parse import as_spec, load_domain_xml, parse_domain_xml
+from balloonlab.domain.render import builtin_domain, render_domain_xml, with_changes, with_serial_socket_paths
+from balloonlab.domain.spec import (
+                   BALLOON_MODELS,
+                   BALLOONLAB_NS,
+                   VIRTIO_DRIVER_OPTIONS,
+                   AddressSpec,
+                   DiskSpec,
+                   DomainSpec,
+                   MemballoonSpec,
+                   SerialSpec,
+)
 
 __all__ = ["BALLOON_MODELS", "BALLOONLAB_NS", "VIRTIO_DRIVER_OPTIONS", "AddressSpec", "DiskSpec",
-           "DomainSpec", "MemballoonSpec", "SerialSpec", "builtin_domain", "load_domain_xml",
+           "DomainSpec", "MemballoonSpec", "SerialSpec", "as_spec", "builtin_domain", "load_domain_xml",
            "parse_domain_xml", "render_domain_xml", "with_changes", "with_serial_socket_paths"]

@@ -7,12 +7,25 @@ from typing import NoReturn
 
 from lxml import etree
 
-from balloonlab.errors import DomainXMLError
-from balloonlab.units import unit_factor
-
-from .spec import (_C_UINT, _CCW_LIMITS, _DECIMAL, _ONOFF, _PCI_LIMITS, _PERIOD_MAX, _QEMU_ID, BALLOON_MODELS,
-                   BALLOONLAB_NS, VIRTIO_DRIVER_OPTIONS, AddressSpec, DiskSpec, DomainSpec,
-                   MemballoonSpec, SerialSpec)
+from balloonlab.domain.spec import (
+    _C_UINT,
+    _CCW_LIMITS,
+    _DECIMAL,
+    _ONOFF,
+    _PCI_LIMITS,
+    _QEMU_ID,
+    BALLOON_MODELS,
+    BALLOONLAB_NS,
+    VIRTIO_DRIVER_OPTIONS,
+    AddressSpec,
+    DiskSpec,
+    DomainSpec,
+    MemballoonSpec,
+    SerialSpec,
+)
+from balloonlab.model.errors import DomainXMLError
+from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S
+from balloonlab.model.units import unit_factor
 
 
 def _tag(node: etree._Element) -> str:
@@ -80,9 +93,9 @@ def _period(node: etree._Element | None) -> int | None:
     if node is None:
         return None
     text = node.get("period")
-    if text is None or not _DECIMAL.match(text) or int(text) > _PERIOD_MAX:
+    if text is None or not _DECIMAL.match(text) or int(text) > LIBVIRT_MAX_PERIOD_S:
         _fail(f"stats period={text!r} is not valid; expected a whole number of seconds "
-              f"from 0 (disabled) to {_PERIOD_MAX}", node)
+              f"from 0 (disabled) to {LIBVIRT_MAX_PERIOD_S}", node)
     return int(text)
 
 
@@ -245,3 +258,16 @@ def load_domain_xml(path: str | os.PathLike[str]) -> DomainSpec:
         return parse_domain_xml(handle.read())
 
 
+
+
+def as_spec(domain: DomainSpec | str | os.PathLike[str]) -> DomainSpec:
+    """A DomainSpec from a spec, XML text (starts with ``<``) or the path of an XML file.
+
+    :raises DomainXMLError: the XML is invalid.
+    :raises OSError: the file cannot be read.
+    """
+    if isinstance(domain, DomainSpec):
+        return domain
+    if isinstance(domain, str) and domain.lstrip().startswith("<"):
+        return parse_domain_xml(domain)
+    return load_domain_xml(domain)

@@ -7,11 +7,20 @@ from collections.abc import Callable
 
 from lxml import etree
 
-from balloonlab.units import parse_size
-
-from .parse import _parse_root, _round_up_kib
-from .spec import (_GUEST_NAME, _PERIOD_MAX, _QEMU_ID, BALLOON_MODELS, BALLOONLAB_NS, AddressSpec,
-                   DiskSpec, DomainSpec, MemballoonSpec, SerialSpec)
+from balloonlab.domain.parse import _parse_root, _round_up_kib
+from balloonlab.domain.spec import (
+    _GUEST_NAME,
+    _QEMU_ID,
+    BALLOON_MODELS,
+    BALLOONLAB_NS,
+    AddressSpec,
+    DiskSpec,
+    DomainSpec,
+    MemballoonSpec,
+    SerialSpec,
+)
+from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S
+from balloonlab.model.units import parse_size
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
@@ -170,8 +179,8 @@ def _check_builtin_args(args: dict[str, object]) -> None:
         raise ValueError(f"name {args['name']!r} is not usable; expected letters, digits, '_', '.', '+', '-'")
     if type(vcpus) is not int or vcpus < 1:
         raise ValueError(f"vcpus must be an int >= 1, got {vcpus!r}")
-    if period is not None and (type(period) is not int or not 0 <= period <= _PERIOD_MAX):
-        raise ValueError(f"period_s must be None or an int from 0 to {_PERIOD_MAX}, got {period!r}")
+    if period is not None and (type(period) is not int or not 0 <= period <= LIBVIRT_MAX_PERIOD_S):
+        raise ValueError(f"period_s must be None or an int from 0 to {LIBVIRT_MAX_PERIOD_S}, got {period!r}")
     if args["model"] not in BALLOON_MODELS[:3] + ("none",):
         raise ValueError(f"model {args['model']!r} is not a QEMU balloon; expected virtio, "
                          "virtio-transitional, virtio-non-transitional or none")
@@ -191,7 +200,7 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
     It carries the workload agent (``agent=True``): serial port 0 is the console, port 1 the
     agent (the launcher decides where both go). ``xml`` is filled by :func:`render_domain_xml`.
 
-    :param memory: bytes (int) or a size like ``"512M"`` (:func:`balloonlab.units.parse_size`),
+    :param memory: bytes (int) or a size like ``"512M"`` (:func:`balloonlab.model.units.parse_size`),
         rounded up to a whole KiB. ``current_memory`` likewise; None means ``memory``.
     :param period_s: the balloon stats period in seconds (None: no ``<stats>``, 0: disabled).
     :param model: virtio, virtio-transitional, virtio-non-transitional, or none (no balloon).

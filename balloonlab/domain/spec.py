@@ -15,7 +15,6 @@ BALLOON_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional", "x
 #: ``<driver>`` virtio options of a memballoon, in libvirt's order (XML names).
 VIRTIO_DRIVER_OPTIONS = ("iommu", "ats", "packed", "page_per_vq")
 
-_PERIOD_MAX = 2**31 - 1  # libvirt keeps the period in a C int
 _DECIMAL = re.compile(r"\s*[0-9]{1,20}\s*\Z")  # 20 digits: a C unsigned long long
 # libvirt reads address numbers with strtoul(base 0): '18' decimal, '0x12' hex, '022' octal.
 _C_UINT = re.compile(r"(0[xX][0-9a-fA-F]{1,8}|0[0-7]{0,11}|[1-9][0-9]{0,9})\Z")

@@ -6,12 +6,12 @@ action runs on balloonlab's loop so the kernel never blocks. :func:`dashboard` c
 panels for several guests with one shared sampler and a live plot (``%matplotlib widget``).
 """
 
-from ._state import GuestSlot, LaunchParams, Message, PatternParams, describe_error
-from .balloon_panel import BalloonPanel
-from .dashboard import Dashboard, dashboard
-from .launcher import LauncherPanel
-from .live_plot import LivePlot
-from .workload_panel import WorkloadPanel
+from balloonlab.widgets._state import GuestSlot, LaunchParams, Message, PatternParams, describe_error
+from balloonlab.widgets.balloon_panel import BalloonPanel
+from balloonlab.widgets.dashboard import Dashboard, dashboard
+from balloonlab.widgets.launcher import LauncherPanel
+from balloonlab.widgets.live_plot import LivePlot
+from balloonlab.widgets.workload_panel import WorkloadPanel
 
 __all__ = ["BalloonPanel", "Dashboard", "GuestSlot", "LaunchParams", "LauncherPanel", "LivePlot", "Message",
            "PatternParams", "WorkloadPanel", "dashboard", "describe_error"]

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .. import _loop
-from ..builtin import builtin_spec
-from ..domain import DiskSpec, DomainSpec, load_domain_xml, with_changes
-from ..errors import BalloonLabError, DomainXMLError, LaunchError
-from ..experiment import Schedule
-from ..guest import Guest
-from ..sync import SyncGuest, SyncSampler
-from ..units import format_size, parse_size
+from balloonlab.blocking import SyncGuest, SyncSampler
+from balloonlab.blocking import loop as _loop
+from balloonlab.domain import DiskSpec, DomainSpec, load_domain_xml, with_changes
+from balloonlab.experiments.runner import Schedule
+from balloonlab.image.builtin import builtin_spec
+from balloonlab.model.errors import BalloonLabError, DomainXMLError, LaunchError
+from balloonlab.model.units import format_size, parse_size
+from balloonlab.qemu.guest import Guest
 
 log = logging.getLogger(__name__)
 Level = Literal["info", "ok", "warning", "error"]
@@ -125,7 +125,7 @@ class PatternParams:
     cycles: int = 2
 
     def to_schedule(self) -> Schedule:
-        """The workload :class:`~balloonlab.experiment.Schedule`.
+        """The workload :class:`~balloonlab.experiments.runner.Schedule`.
 
         ``steps``: ``low`` up to ``high`` and back down in ``n_steps``, one every ``step_s``;
         ``ramp``: ``low`` to ``high`` in ``n_steps`` over ``n_steps * step_s``;

@@ -11,8 +11,8 @@ from typing import Any
 
 import ipywidgets as w
 
-from ..units import format_size
-from ._state import GuestSlot, Message
+from balloonlab.model.units import format_size
+from balloonlab.widgets._state import GuestSlot, Message
 
 _COLORS = {"info": "#555", "ok": "#1a7f37", "warning": "#9a6700", "error": "#cf222e"}
 _STATUS_COLORS = {"running": "#1a7f37", "launching": "#9a6700", "stopping": "#9a6700",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import ipywidgets as w
 
-from ..units import format_size
-from ._state import GuestSlot
-from ._view import message_html, size_html
+from balloonlab.model.units import format_size
+from balloonlab.widgets._state import GuestSlot
+from balloonlab.widgets._view import message_html, size_html
 
 MiB = 1 << 20
 #: The slider's lowest target: a smaller guest runs out of memory for its own kernel.

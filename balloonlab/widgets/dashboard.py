@@ -1,6 +1,6 @@
 """The dashboard: launcher, balloon and workload panels for several guests, one live plot.
 
-All guests share one :class:`~balloonlab.sync.SyncSampler`, so the live plot and the frames
+All guests share one :class:`~balloonlab.blocking.SyncSampler`, so the live plot and the frames
 cover them together. Nothing here blocks the kernel: actions run on balloonlab's loop and
 the plot refreshes from a timer. :meth:`Dashboard.close` shuts down every guest a panel
 launched (they are owned by the kernel process anyway, so they also die with it).
@@ -16,12 +16,12 @@ from typing import Any
 import ipywidgets as w
 import pandas as pd
 
-from ..sync import SyncGuest, SyncSampler
-from ._state import GuestSlot, LaunchParams
-from .balloon_panel import BalloonPanel
-from .launcher import LauncherPanel
-from .live_plot import LivePlot
-from .workload_panel import WorkloadPanel
+from balloonlab.blocking import SyncGuest, SyncSampler
+from balloonlab.widgets._state import GuestSlot, LaunchParams
+from balloonlab.widgets.balloon_panel import BalloonPanel
+from balloonlab.widgets.launcher import LauncherPanel
+from balloonlab.widgets.live_plot import LivePlot
+from balloonlab.widgets.workload_panel import WorkloadPanel
 
 
 class Dashboard:
@@ -118,7 +118,7 @@ def dashboard(n_guests: int = 2, *, names: Sequence[str] | None = None, memory: 
     :param period_s: their balloon stats period.
     :param refresh_s: seconds between plot refreshes.
     :param window_s: seconds of the run the plot shows (0 or None: all).
-    :param run_dir: also stream the samples to this run folder (see :mod:`balloonlab.store`).
+    :param run_dir: also stream the samples to this run folder (see :mod:`balloonlab.record.store`).
     :raises ValueError: for a bad count or a names list of the wrong length.
     """
     if type(n_guests) is not int or n_guests < 1:

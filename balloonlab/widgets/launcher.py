@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipywidgets as w
 
-from ._state import GuestSlot
-from ._view import bind, message_html, status_html
+from balloonlab.widgets._state import GuestSlot
+from balloonlab.widgets._view import bind, message_html, status_html
 
 _STYLE = {"description_width": "7em"}
 

@@ -1,7 +1,7 @@
 """A live plot of a running sampler that never blocks the kernel.
 
-The figure is drawn once by :func:`balloonlab.plotting.plot_memory`; a timer then calls
-:func:`balloonlab.plotting.update_memory_plot` (``set_data`` + ``draw_idle``) with the growing
+The figure is drawn once by :func:`balloonlab.analysis.plotting.plot_memory`; a timer then calls
+:func:`balloonlab.analysis.plotting.update_memory_plot` (``set_data`` + ``draw_idle``) with the growing
 frames. Inside a notebook kernel the timer is an asyncio task on the kernel's own loop: it
 runs between cells, awaits the frames from balloonlab's loop without blocking, and touches
 the figure only on the kernel's main thread (matplotlib is not thread-safe, and ipympl
@@ -23,10 +23,10 @@ from typing import Any
 import ipywidgets as w
 import pandas as pd
 
-from .. import _loop
-from ..analysis import guest_names
-from ..plotting import plot_memory, update_memory_plot
-from ..sync import SyncSampler
+from balloonlab.analysis.measures import guest_names
+from balloonlab.analysis.plotting import plot_memory, update_memory_plot
+from balloonlab.blocking import SyncSampler
+from balloonlab.blocking import loop as _loop
 
 log = logging.getLogger(__name__)
 #: Window choices: label -> seconds (0 means the whole run).

@@ -1,6 +1,6 @@
 """The workload panel: allocate and free memory in the guest, or play a pattern.
 
-Patterns are :class:`~balloonlab.experiment.Schedule` s of kind ``"workload"`` (steps, ramp,
+Patterns are :class:`~balloonlab.experiments.runner.Schedule` s of kind ``"workload"`` (steps, ramp,
 sawtooth) played by the guest's workload agent (``workload.run_pattern``); every change is
 recorded as a ``workload`` event by the dashboard's sampler.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipywidgets as w
 
-from ._state import GuestSlot, PatternParams
-from ._view import bind, message_html, size_html
+from balloonlab.widgets._state import GuestSlot, PatternParams
+from balloonlab.widgets._view import bind, message_html, size_html
 
 
 def _short() -> w.Layout:

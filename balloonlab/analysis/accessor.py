@@ -1,0 +1,143 @@
+"""The ``df.balloon`` pandas accessor: views of a samples frame under other tools' names.
+
+Importing this module registers ``DataFrame.balloon`` on any samples frame (index ``time``,
+``guest``, stats in bytes/counts, ``actual``, ``rss``...). The views never change the frame:
+:meth:`BalloonAccessor.libvirt` renames and rescales like ``virsh dommemstat``,
+:meth:`BalloonAccessor.used` puts the four peers' "used memory" formulas side by side so
+their disagreement is visible rather than guessed away, :meth:`BalloonAccessor.rates`
+turns cumulative counters into per-second rates that never go negative across a reset, and
+:meth:`BalloonAccessor.plot` draws the run with :func:`balloonlab.analysis.plotting.plot_memory`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from balloonlab.analysis.measures import EPOCH, column, conform, guest_names, seconds
+from balloonlab.model.schema import LIBVIRT_ROWS, STATS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: Counter column -> rate column made by :meth:`BalloonAccessor.rates`.
+#: Every counter of the schema: ``major_faults_per_s``, ``swap_in_bytes_per_s``...
+RATE_COLUMNS: dict[str, str] = {
+    s.name: f"{s.name}_bytes_per_s" if s.unit == "bytes" else f"{s.name}_per_s"
+    for s in STATS if s.kind == "counter"}
+
+
+@pd.api.extensions.register_dataframe_accessor("balloon")
+class BalloonAccessor:
+    """``samples.balloon``: libvirt's view, the "used memory" definitions, rates, plots.
+
+    :param frame: a samples frame as the sampler builds it.
+    """
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        if len(frame) and "guest" not in frame.columns:
+            raise AttributeError("df.balloon needs a samples frame with a 'guest' column")
+        self._frame = conform(frame, "samples")
+
+    def libvirt(self) -> pd.DataFrame:
+        """The frame as ``virsh dommemstat`` would print it, one row per sample.
+
+        Columns in virsh's order with libvirt's names (``balloonlab.model.stats``' table):
+        memory stats, ``actual`` and ``rss`` in KiB truncated (``// 1024``: 1023 bytes is 0
+        KiB), counts unchanged, ``last_update`` in epoch seconds (0 when the guest never
+        reported, as QEMU and libvirt say). Mind the renames: libvirt's ``available`` is
+        MemTotal and ``usable`` is MemAvailable. Where libvirt would leave a stat out (unset,
+        or not in this frame), the column is NA; stats libvirt does not map (``oom_kills``...)
+        are dropped. The index and ``guest`` are kept.
+        """
+        f = self._frame
+        out = pd.DataFrame({"guest": f["guest"]}, index=f.index)
+        for name, source, divisor in LIBVIRT_ROWS:
+            if source == "last_update":
+                since = pd.Series(column(f, source, "datetime64[ns, UTC]").array) - EPOCH
+                whole = (since // pd.Timedelta(seconds=1)).to_numpy(dtype=float, na_value=np.nan)
+                out[name] = pd.array(np.nan_to_num(whole, nan=0.0).astype("int64"), dtype="Int64")
+            else:
+                out[name] = column(f, source).astype("Int64") // divisor
+        return out
+
+    def used(self) -> pd.DataFrame:
+        """"Used memory" as four peers define it, side by side, in bytes (Int64, NA if unknown).
+
+        - ``virt_manager``: ``actual - free_memory`` (virt-manager: current balloon minus
+          libvirt's ``unused``, i.e. guest MemFree).
+        - ``exporter``: ``total_memory - available_memory`` (Prometheus libvirt exporters and
+          KubeVirt: libvirt's ``available`` minus ``usable``, i.e. MemTotal - MemAvailable).
+        - ``host_rss``: ``rss`` (older cockpit: host RSS of the QEMU process).
+        - ``mom``: ``actual - free_memory`` (oVirt MOM's ``guest_used_mem = balloon_cur -
+          mem_unused``, checked in oVirt/mom ``doc/balloon.rules``; ``balloon_cur`` is
+          virDomainGetInfo's current memory, i.e. actual (``mom/HypervisorInterfaces/
+          libvirtInterface.py`` ``getVmBalloonInfo``) and ``mem_unused`` is libvirt's
+          ``unused``, i.e. free_memory (same file, ``_setStatsFields``)). So MOM's formula
+          equals virt-manager's per sample; MOM itself applies it to moving averages
+          (``StatAvg``) over its collection window, which this per-sample view does not.
+
+        :returns: index and ``guest`` kept; columns ``virt_manager``, ``exporter``,
+            ``host_rss``, ``mom``.
+        """
+        f = self._frame
+        actual, free = column(f, "actual").astype("Int64"), column(f, "free_memory").astype("Int64")
+        total = column(f, "total_memory").astype("Int64")
+        avail = column(f, "available_memory").astype("Int64")
+        return pd.DataFrame({
+            "guest": f["guest"],
+            "virt_manager": actual - free,
+            "exporter": total - avail,
+            "host_rss": column(f, "rss").astype("Int64"),
+            # oVirt/mom doc/balloon.rules: (- (guest.StatAvg "balloon_cur") (guest.StatAvg "mem_unused"))
+            "mom": actual - free,
+        }, index=f.index)
+
+    def rates(self) -> pd.DataFrame:
+        """Per-guest rates of the cumulative counters, per second (Float64).
+
+        One column per counter of the schema (:data:`RATE_COLUMNS`: ``major_faults_per_s``,
+        ``swap_in_bytes_per_s``...): the counter's rise since the guest's previous row over the
+        seconds between the two guest reports (``last_update``; the read times in the index
+        where ``last_update`` is NaT or did not move). NA on each guest's first row, on a
+        row flagged ``reset``, where the counter went down (a reset that was not flagged),
+        where a counter is missing, and where no time passed: a rate is never negative and
+        never spikes across a reset. Rows keep the frame's order, index and ``guest``.
+        """
+        f = self._frame
+        order = np.argsort(seconds(f.index), kind="stable")
+        s = f.iloc[order]
+        keys = s["guest"].astype(str).to_numpy()
+        # Previous row of the same guest: a groupby shift keeps guests apart.
+        reported = pd.Series(seconds(column(s, "last_update", "datetime64[ns, UTC]")))
+        read = pd.Series(seconds(s.index))
+        d_rep = reported - reported.groupby(keys).shift(1)
+        d_read = read - read.groupby(keys).shift(1)
+        dt = d_rep.where(d_rep > 0, d_read).to_numpy()
+        reset = column(s, "reset", "boolean").fillna(False).to_numpy(dtype=bool)
+        out = pd.DataFrame({"guest": s["guest"].array}, index=s.index)
+        for counter, name in RATE_COLUMNS.items():
+            values = pd.Series(column(s, counter).to_numpy(dtype=float, na_value=np.nan))
+            rise = (values - values.groupby(keys).shift(1)).to_numpy(dtype=float, na_value=np.nan)
+            bad = reset | ~(rise >= 0) | ~(dt > 0)
+            rate = np.where(bad, np.nan, rise / np.where(dt > 0, dt, 1.0))
+            out[name] = pd.array(rate, dtype="Float64")
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return out.iloc[inverse]
+
+    def per_guest(self) -> dict[str, pd.DataFrame]:
+        """The frame split by guest, each part in time order: ``{name: frame}``."""
+        f = self._frame
+        return {g: f[(f["guest"].astype(str) == g).to_numpy()].sort_index(kind="stable")
+                for g in guest_names(f)}
+
+    def plot(self, **kw: Any) -> Figure:
+        """Plot the samples with :func:`balloonlab.analysis.plotting.plot_memory` (``events=``, ...).
+
+        :param kw: passed on to ``plot_memory``.
+        """
+        from balloonlab.analysis.plotting import plot_memory
+        return plot_memory(self._frame, **kw)

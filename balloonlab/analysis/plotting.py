@@ -1,0 +1,251 @@
+"""Matplotlib plots of a run: each guest's memory over time with the balloon and the events.
+
+Pure functions over the sampler's frames. :func:`plot_memory` draws one row of axes per
+guest; :func:`update_memory_plot` refreshes the same lines in place for live plots (a
+widget timer calls it with the growing frames); :func:`save_run_plot` writes a PNG of a
+run. Nothing here calls ``plt.show()`` or touches pyplot's global state: figures are built
+as :class:`matplotlib.figure.Figure` and returned (a notebook displays a returned figure;
+for an interactive canvas such as ipympl pass ``fig=plt.figure()``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import matplotlib.dates as mdates
+import numpy as np
+import pandas as pd
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.transforms import blended_transform_factory, offset_copy
+
+from balloonlab.analysis.measures import column, conform, guest_names
+from balloonlab.model.units import format_size
+
+MiB = 1 << 20
+#: Lines drawn per guest: column -> (style keywords). Labels are the frames' column names.
+LINES: dict[str, dict[str, object]] = {
+    "total_memory": {"color": "tab:gray", "lw": 1.2},
+    "free_memory": {"color": "tab:green", "lw": 1.2},
+    "available_memory": {"color": "tab:blue", "lw": 1.2},
+    "disk_caches": {"color": "tab:olive", "lw": 1.0, "alpha": 0.8},
+    "actual": {"color": "tab:orange", "lw": 1.8, "drawstyle": "steps-post"},
+    "target": {"color": "tab:red", "lw": 1.4, "ls": "--", "drawstyle": "steps-post"},
+}
+#: Event kinds marked with a vertical line and a short label, and their colours.
+EVENT_COLORS: dict[str, str] = {"target": "tab:red", "workload": "tab:purple", "reset": "black",
+                                "launch": "tab:green", "shutdown": "dimgray", "error": "crimson"}
+#: Above this many marked events in one axes, target and workload events are drawn as short
+#: unlabelled ticks at the bottom; the rare kinds below keep full lines (and labels, if few).
+MAX_LABELS = 30
+RARE = ("reset", "launch", "shutdown", "error")
+
+
+def _cut(frame: pd.DataFrame | None, since: pd.Timestamp | None) -> pd.DataFrame | None:
+    """Rows of ``frame`` at or after ``since`` (all of them when ``since`` is None)."""
+    if frame is None or since is None:
+        return frame
+    return frame[frame.index >= since]
+
+
+def _since(samples: pd.DataFrame, events: pd.DataFrame | None,
+           window: pd.Timedelta | float | None) -> pd.Timestamp | None:
+    """Start of the shown window: the latest time in the frames minus ``window``."""
+    if window is None:
+        return None
+    span = window if isinstance(window, pd.Timedelta) else pd.Timedelta(seconds=float(window))
+    ends = [f.index.max() for f in (samples, events) if f is not None and len(f)]
+    return max(ends) - span if ends else None
+
+
+def _x(index: pd.Index) -> np.ndarray:
+    """UTC times as matplotlib date numbers (floats), so ``set_data`` needs no unit logic."""
+    naive = pd.DatetimeIndex(index).tz_convert("UTC").tz_localize(None)
+    return np.asarray(mdates.date2num(naive.to_numpy()), dtype=float)
+
+
+def _mib(values: pd.Series) -> np.ndarray:
+    """Bytes (nullable ints) as float MiB with NaN for NA."""
+    return values.astype("Float64").to_numpy(dtype=float, na_value=np.nan) / MiB
+
+
+def _rows(frame: pd.DataFrame | None, guest: str) -> pd.DataFrame | None:
+    """One guest's rows, in time order."""
+    if frame is None:
+        return None
+    return frame[(frame["guest"].astype(str) == guest).to_numpy()].sort_index(kind="stable")
+
+
+def _event_label(kind: str, value: object, detail: object) -> str:
+    """Short text for an event marker (``"target 256 MiB"``, ``"alloc 128 MiB"``, ...)."""
+    text = "" if detail is None or detail is pd.NA else str(detail)
+    if kind == "target" and value is not pd.NA:
+        return f"target {format_size(int(value))}"
+    if kind == "workload":
+        return text or (f"held {format_size(int(value))}" if value is not pd.NA else "workload")
+    if kind == "error":
+        return f"error {text[:24]}".strip()
+    return kind
+
+
+def _event_style(kind: str) -> dict[str, object]:
+    """Line style of an event marker (also used for the legend)."""
+    return {"color": EVENT_COLORS[kind], "lw": 1.6 if kind == "error" else 0.9, "alpha": 0.7,
+            "ls": ":" if kind in ("target", "workload") else "-"}
+
+
+def _stepped(sampled: pd.Series, moves: pd.Series, index: pd.Index) -> pd.Series | None:
+    """A step series from event values, starting at the first sample, ending at the last."""
+    if not len(moves) or not len(index):
+        return None
+    head = sampled[sampled.index < moves.index[0]].iloc[:1].astype(moves.dtype)
+    tail = pd.Series([moves.iloc[-1]], index=index[-1:], dtype=moves.dtype)
+    return pd.concat([head, moves, tail[tail.index > moves.index[-1]]])
+
+
+def _fill(ax: Axes, lines: dict[str, Line2D], s: pd.DataFrame, ev: pd.DataFrame | None) -> list[Artist]:
+    """Put one guest's data into its lines and draw its event markers (returned)."""
+    x = _x(s.index)
+    for name, line in lines.items():
+        if name in LINES:
+            line.set_data(x, _mib(column(s, name)))
+    artists: list[Artist] = []
+    if ev is None:
+        return artists
+    kinds = ev["kind"].astype(str)
+    changes = ev[(kinds == "balloon_change").to_numpy()]
+    lines["balloon_change"].set_data(_x(changes.index), _mib(changes["value"]))
+    # Events say exactly when `actual` and `target` moved; a sample only sees what had been
+    # delivered by its read (QEMU rate-limits BALLOON_CHANGE). Draw those lines from events.
+    for name, kind in (("actual", "balloon_change"), ("target", "target")):
+        stepped = _stepped(column(s, name), ev[(kinds == kind).to_numpy()]["value"], s.index)
+        if stepped is not None:
+            lines[name].set_data(_x(stepped.index), _mib(stepped))
+    marked = ev[kinds.isin(list(EVENT_COLORS)).to_numpy()]
+    crowded = len(marked) > MAX_LABELS  # then frequent kinds become short ticks at the bottom
+    rare = int(marked["kind"].astype(str).isin(RARE).sum())
+    trans = offset_copy(blended_transform_factory(ax.transData, ax.transAxes), ax.figure,
+                        x=1.5, units="points")  # labels just right of their line
+    for t, kind, value, detail in zip(_x(marked.index), marked["kind"].astype(str),
+                                      marked["value"], column(marked, "detail", "string"),
+                                      strict=True):
+        full = not crowded or kind in RARE
+        artists.append(ax.axvline(t, ymax=1.0 if full else 0.04, **_event_style(kind)))
+        if full and (not crowded or rare <= MAX_LABELS):
+            artists.append(ax.text(t, 0.98, _event_label(kind, value, detail), transform=trans,
+                                   rotation=90, va="top", ha="left", fontsize=7,
+                                   color=EVENT_COLORS[kind], clip_on=True,
+                                   bbox={"fc": "white", "ec": "none", "alpha": 0.6, "pad": 0.3}))
+    return artists
+
+
+def plot_memory(samples: pd.DataFrame, events: pd.DataFrame | None = None, *,
+                guests: list[str] | None = None, window: pd.Timedelta | float | None = None,
+                fig: Figure | None = None) -> Figure:
+    """Each guest's memory over time: one row of axes per guest, shared UTC time axis.
+
+    Lines (MiB): ``total_memory``, ``free_memory``, ``available_memory``, ``disk_caches``,
+    and the balloon's ``actual`` (solid steps) against its ``target`` (dashed steps).
+    Events: ``target``, ``workload``, ``reset``, ``launch``, ``shutdown`` and ``error`` as
+    vertical lines with short labels; ``balloon_change`` as small ticks on the actual line.
+    The figure keeps its artists for :func:`update_memory_plot`: ``fig._balloonlab_lines``
+    (guest -> {line name -> Line2D}, line names as in :data:`LINES` plus
+    ``"balloon_change"``), ``fig._balloonlab_axes`` (guest -> Axes),
+    ``fig._balloonlab_events`` (guest -> event artists) and ``fig._balloonlab_window``.
+
+    :param samples: the samples frame.
+    :param events: the events frame, or None for no markers.
+    :param guests: the guests to draw (default: every guest in the frames).
+    :param window: show only the last ``window`` (a Timedelta, or seconds) of the run.
+    :param fig: draw into this figure (cleared first), e.g. an ipympl canvas's figure.
+    :returns: the figure (never shown here).
+    """
+    samples = conform(samples, "samples")
+    events = None if events is None else conform(events, "events")
+    if guests is None:
+        guests = guest_names(samples)
+        guests += [g for g in (guest_names(events) if events is not None else []) if g not in guests]
+    n = max(1, len(guests))
+    if fig is None:
+        fig = Figure(figsize=(11, 0.8 + 2.5 * n), layout="constrained")
+    else:
+        fig.clear()
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    fig._balloonlab_lines, fig._balloonlab_axes, fig._balloonlab_events = {}, {}, {}
+    fig._balloonlab_window = window
+    for ax, guest in zip(axes, guests, strict=False):
+        ax.xaxis_date(_dt.UTC)
+        lines = {name: ax.plot([], [], label=name, **style)[0] for name, style in LINES.items()}
+        lines["balloon_change"] = ax.plot([], [], ls="none", marker="|", ms=6, mew=1,
+                                          color=LINES["actual"]["color"], label="_balloon_change")[0]
+        fig._balloonlab_lines[guest], fig._balloonlab_axes[guest] = lines, ax
+        ax.set_title(guest, loc="left", fontsize=10, fontweight="bold")
+        ax.set_ylabel("MiB")
+        ax.grid(True, lw=0.4, alpha=0.5)
+    if not guests:
+        axes[0].text(0.5, 0.5, "no samples", ha="center", va="center", transform=axes[0].transAxes)
+    locator = mdates.AutoDateLocator(tz=_dt.UTC)
+    axes[-1].xaxis.set_major_locator(locator)
+    axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=_dt.UTC))
+    axes[-1].set_xlabel("time (UTC)")
+    if guests:
+        marks = [Line2D([], [], label=f"{k} event", **_event_style(k)) for k in EVENT_COLORS]
+        handles = list(fig._balloonlab_lines[guests[0]].values())[:len(LINES)] + marks
+        axes[0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0),
+                       fontsize=8, frameon=False)
+    update_memory_plot(fig, samples, events, draw=False)
+    return fig
+
+
+def update_memory_plot(fig: Figure, samples: pd.DataFrame, events: pd.DataFrame | None = None,
+                       *, draw: bool = True) -> None:
+    """Refresh a :func:`plot_memory` figure in place with newer frames (for live plots).
+
+    Sets the existing lines' data, redraws the event markers, rescales each axes
+    (``relim``/``autoscale_view``) and asks the canvas for a redraw (``draw_idle``). No axes
+    are created: a guest not in the figure is ignored (call :func:`plot_memory` again).
+
+    :param fig: a figure made by :func:`plot_memory`.
+    :param samples: the samples frame (the whole run so far; the figure's window applies).
+    :param events: the events frame, or None to leave markers out.
+    :param draw: call ``fig.canvas.draw_idle()`` at the end.
+    :raises ValueError: when ``fig`` was not made by :func:`plot_memory`.
+    """
+    if not hasattr(fig, "_balloonlab_lines"):
+        raise ValueError("update_memory_plot needs a figure made by plot_memory")
+    samples = conform(samples, "samples")
+    events = None if events is None else conform(events, "events")
+    since = _since(samples, events, fig._balloonlab_window)
+    shown, shown_events = _cut(samples, since), _cut(events, since)
+    for guest, lines in fig._balloonlab_lines.items():
+        ax = fig._balloonlab_axes[guest]
+        for artist in fig._balloonlab_events.get(guest, []):
+            artist.remove()
+        ev = _rows(shown_events, guest)
+        if ev is None:
+            lines["balloon_change"].set_data([], [])
+        fig._balloonlab_events[guest] = _fill(ax, lines, _rows(shown, guest), ev)
+        ax.relim()
+        ax.autoscale_view()
+        low, high = ax.get_ylim()  # headroom for the event labels; autoscaling stays on
+        ax.set_ylim(low, high + 0.15 * (high - low), auto=None)
+    if draw:
+        fig.canvas.draw_idle()
+
+
+def save_run_plot(samples: pd.DataFrame, events: pd.DataFrame | None, path: str | Path) -> Path:
+    """Write :func:`plot_memory` of a whole run to ``path`` as a PNG (110 dpi, tight box).
+
+    :param samples: the samples frame.
+    :param events: the events frame (or None).
+    :param path: the PNG file to write; missing parent folders are created.
+    :returns: ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = plot_memory(samples, events)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    return path

@@ -1,0 +1,95 @@
+"""Blocking twins of the :class:`~balloonlab.record.sampler.Sampler` and the experiment runner.
+
+Sampling runs in the background on balloonlab's loop: :meth:`SyncSampler.start` returns at
+once and the notebook stays free. Guests handed to a ``SyncSampler`` must live on that loop
+too: ``SyncGuest``/``SyncLibvirtGuest`` (or their ``.aio``); an async guest awaited on your own
+loop is refused with a ``TypeError`` that says what to pass instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from balloonlab.blocking.loop import run
+from balloonlab.experiments.runner import Experiment
+from balloonlab.record.sampler import Sampler, SamplingState
+from balloonlab.record.store import Run
+
+
+async def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+class SyncSampler:
+    """Blocking view of :class:`~balloonlab.record.sampler.Sampler` (same parameters)."""
+
+    def __init__(self, *, run_dir: str | Path | None = None, flush_interval_s: float = 5.0,
+                 max_rows_in_memory: int = 1_000_000, track_actual: str = "events",
+                 metadata: dict[str, Any] | None = None) -> None:
+        async def make() -> Sampler:  # built on the loop it samples on
+            return Sampler(run_dir=run_dir, flush_interval_s=flush_interval_s,
+                           max_rows_in_memory=max_rows_in_memory, track_actual=track_actual,
+                           metadata=metadata)
+        self.aio = run(make())
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder, when streaming to disk."""
+        return self.aio.run_dir
+
+    def start(self) -> SyncSampler:
+        """Start sampling (returns immediately)."""
+        run(self.aio.start())
+        return self
+
+    def add(self, guest: Any) -> None:
+        """Sample one more guest (a ``SyncGuest``, ``SyncLibvirtGuest`` or their ``.aio``)."""
+        run(self.aio.add(guest))
+
+    def remove(self, name: str) -> None:
+        """Stop sampling one guest (its rows stay)."""
+        run(self.aio.remove(name))
+
+    def stop(self) -> None:
+        """Stop sampling, flush, close the run."""
+        run(self.aio.stop())
+
+    def flush(self) -> None:
+        """Write what was recorded since the last flush to the run folder."""
+        run(_call(self.aio.flush))
+
+    def frame(self) -> pd.DataFrame:
+        """Samples so far (built on the loop thread, so never half-appended)."""
+        return run(_call(self.aio.frame))
+
+    def events(self) -> pd.DataFrame:
+        """Events so far."""
+        return run(_call(self.aio.events))
+
+    def states(self) -> dict[str, SamplingState]:
+        """Per-guest sampling state."""
+        return run(_call(self.aio.states))
+
+    def record_event(self, guest: str, kind: str, value: int | None = None, detail: str = "",
+                     duration_s: float | None = None, at: float | None = None) -> None:
+        """Record an event of your own (e.g. a note), at ``at`` (epoch s) or now."""
+        run(_call(lambda: self.aio.record_event(guest, kind, value, detail, duration_s, at)))
+
+    def __enter__(self) -> SyncSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_experiment(experiment: Experiment, progress: Callable[[float, str], None] | None = None) -> Run:
+    """Run an :class:`~balloonlab.experiments.runner.Experiment` and block until it is done.
+
+    The blocking twin of ``await experiment.run()``; its guests may be specs, ``SyncGuest`` s or
+    guests made on balloonlab's loop.
+    """
+    return run(experiment.run(progress))

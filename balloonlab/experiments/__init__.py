@@ -1,0 +1,12 @@
+"""Experiments: what happens when, run against guests while they are sampled.
+
+``schedule`` declares balloon-target and workload schedules, validated before any guest
+starts; ``runner`` launches or takes guests, samples them into a run folder, plays the
+schedules and returns the :class:`~balloonlab.record.store.Run`. Mechanism comparisons and
+policies (live and replayed on recorded runs) are added here as sibling modules.
+"""
+
+from balloonlab.experiments.runner import Experiment
+from balloonlab.experiments.schedule import Schedule
+
+__all__ = ["Experiment", "Schedule"]

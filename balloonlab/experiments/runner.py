@@ -1,0 +1,154 @@
+"""The experiment runner: guests, schedules and a duration, sampled into one run folder.
+
+An :class:`Experiment` launches (or takes) guests, samples them into a run folder, plays its
+:class:`~balloonlab.experiments.schedule.Schedule` s and returns the
+:class:`~balloonlab.record.store.Run`. Everything is validated before any guest starts: a
+target above a guest's memory, a balloon schedule for a guest without a balloon, a workload
+for a guest without the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from balloonlab._version import __version__ as _version
+from balloonlab.domain import DomainSpec
+from balloonlab.experiments.schedule import Schedule, require_positive_s
+from balloonlab.model.guest import async_guest
+from balloonlab.model.protocols import GuestProtocol
+from balloonlab.model.units import format_size
+from balloonlab.qemu.guest import Guest
+from balloonlab.record.sampler import Sampler
+from balloonlab.record.store import Run, load_run, new_run_dir
+
+
+@dataclass
+class Experiment:
+    """Guests, schedules and a duration; :meth:`run` does it and returns the Run.
+
+    :param guests: domain specs to launch (shut down afterwards) or running guests to use
+        (``Guest``/``LibvirtGuest`` on the loop that runs the experiment; ``SyncGuest`` s with
+        :func:`~balloonlab.run_experiment`).
+    :param duration_s: how long to sample (at least as long as the schedules).
+    :param balloon: a target schedule applied to every guest.
+    :param workload: a workload schedule (guests with balloonlab's agent only).
+    :param run_root: where the run folder is made (``runs/`` by default).
+    """
+
+    guests: Sequence[DomainSpec | GuestProtocol | Any]
+    duration_s: float
+    balloon: Schedule | None = None
+    workload: Schedule | None = None
+    run_root: str | Path = "runs"
+    name: str = "experiment"
+    flush_interval_s: float = 5.0
+    plot: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Check everything that can be checked before a guest starts.
+
+        :raises ValueError: with what is wrong and which guest it concerns.
+        """
+        require_positive_s(self.duration_s, "duration_s")
+        if not self.guests:
+            raise ValueError("an experiment needs at least one guest")
+        for schedule, kind in ((self.balloon, "target"), (self.workload, "workload")):
+            if schedule is not None and schedule.kind != kind:
+                raise ValueError(f"the {kind} schedule was built as a {schedule.kind!r} schedule")
+            if schedule is not None and schedule.duration_s > self.duration_s:
+                raise ValueError(f"the {kind} schedule lasts {schedule.duration_s} s, longer than "
+                                 f"duration_s={self.duration_s}")
+        for g in self.guests:
+            spec = g if isinstance(g, DomainSpec) else g.spec
+            name = spec.name if spec else getattr(g, "name", "?")
+            if self.balloon is not None and spec is not None:
+                if spec.memballoon is None:
+                    raise ValueError(f"guest {name} has no balloon (<memballoon model='none'>) "
+                                     "but the experiment has a balloon schedule")
+                too_big = [v for _, v in self.balloon.points if v > spec.memory_bytes]
+                if too_big:
+                    raise ValueError(f"balloon target {format_size(too_big[0])} is above guest {name}'s "
+                                     f"memory {format_size(spec.memory_bytes)}")
+            if self.workload is not None:
+                has_agent = spec.agent if spec is not None else getattr(g, "has_agent", False)
+                if not has_agent:
+                    raise ValueError(f"guest {name} has no workload agent: a workload schedule needs "
+                                     "balloonlab's built-in guest")
+
+    async def run(self, progress: Callable[[float, str], None] | None = None) -> Run:
+        """Launch, sample, play the schedules, stop; returns the loaded Run.
+
+        :param progress: called with (fraction done, message) about once a second.
+        """
+        self.validate()
+        run_dir = new_run_dir(self.run_root, self.name)
+        meta = {"balloonlab_version": _version, "experiment": self.name, "duration_s": self.duration_s,
+                "schedule": {"balloon": self.balloon.as_list() if self.balloon else None,
+                             "workload": self.workload.as_list() if self.workload else None},
+                **self.extra}
+        sampler = Sampler(run_dir=run_dir, flush_interval_s=self.flush_interval_s, metadata=meta)
+        launched: list[Guest] = []
+        try:
+            guests = []
+            for g in self.guests:
+                if isinstance(g, DomainSpec):
+                    t0 = time.monotonic()
+                    guest = await Guest.launch(g)
+                    launched.append(guest)
+                    sampler.record_event(guest.name, "launch", None,
+                                         f"launched in {time.monotonic() - t0:.2f} s", time.monotonic() - t0)
+                    guests.append(guest)
+                else:
+                    guests.append(async_guest(g, "Experiment"))
+            await sampler.start()
+            for guest in guests:
+                await sampler.add(guest)
+            await self._play(guests, progress)
+        finally:
+            for guest in launched:
+                with contextlib.suppress(KeyError):
+                    await sampler.remove(guest.name)
+                graceful = await guest.shutdown()
+                sampler.record_event(guest.name, "shutdown", None, "quit" if graceful else "killed")
+            await sampler.stop()
+        run = load_run(run_dir)
+        if self.plot and len(run.samples):
+            from balloonlab.analysis.plotting import save_run_plot
+            save_run_plot(run.samples, run.events, run.plot_path)
+        return run
+
+    async def _play(self, guests: list[Guest], progress: Callable[[float, str], None] | None) -> None:
+        start = time.monotonic()
+
+        async def follow(schedule: Schedule, apply: Callable[[Guest, int], Any]) -> None:
+            for at_s, value in schedule.points:
+                await asyncio.sleep(max(0.0, start + at_s - time.monotonic()))
+                await asyncio.gather(*(apply(g, value) for g in guests))
+
+        tasks = []
+        if self.balloon is not None:
+            tasks.append(asyncio.ensure_future(follow(self.balloon, lambda g, v: g.balloon.set_target(v))))
+        if self.workload is not None:
+            tasks.append(asyncio.ensure_future(follow(self.workload, lambda g, v: g.workload.hold(v))))
+        try:
+            while (elapsed := time.monotonic() - start) < self.duration_s:
+                for task in tasks:
+                    if task.done() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                if progress is not None:
+                    progress(min(1.0, elapsed / self.duration_s), f"{elapsed:5.1f}/{self.duration_s:.0f} s")
+                await asyncio.sleep(min(1.0, self.duration_s - elapsed))
+            if progress is not None:
+                progress(1.0, f"{self.duration_s:.0f}/{self.duration_s:.0f} s")
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task

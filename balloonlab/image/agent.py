@@ -1,0 +1,205 @@
+"""Memory pressure inside the built-in guest, driven from the host.
+
+The guest's workload agent listens on its second serial port (a unix socket on the host)
+and speaks one line per request: ``<seq> <verb> [args]`` -> ``<seq> ok [data]`` or
+``<seq> err <message>``. Memory is held in chunks, each a process in the guest that touched
+its pages, so "free some" is exact to a chunk. Patterns (:class:`balloonlab.experiments.runner.Schedule`
+with kind "workload") are timed on the host, so every change is a host-timestamped event the
+sampler can record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from balloonlab.model.errors import AgentError
+from balloonlab.model.protocols import WorkloadChange
+from balloonlab.model.units import format_size, parse_size
+
+#: Allocation granularity: "hold N bytes" is met to within one chunk.
+CHUNK_BYTES = 32 << 20
+
+
+class Workload:
+    """Client of the in-guest workload agent on ``socket_path`` (an
+    :class:`~balloonlab.model.protocols.AgentProtocol`).
+
+    :param socket_path: the host end of the guest's serial port 1 (QEMU listens on it).
+    """
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = str(socket_path)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._seq = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self._chunks: list[tuple[str, int]] = []
+        self._ids = itertools.count(1)
+        self._listeners: list[Callable[[WorkloadChange], None]] = []
+
+    @property
+    def held(self) -> int:
+        """Bytes the agent holds now on balloonlab's behalf."""
+        return sum(size for _, size in self._chunks)
+
+    def add_listener(self, listener: Callable[[WorkloadChange], None]) -> None:
+        """Call ``listener(change)`` whenever held memory changes."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[WorkloadChange], None]) -> None:
+        """Stop calling ``listener`` (no error when it was not added)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    async def connect(self, timeout_s: float = 60.0) -> None:
+        """Connect and wait until the agent answers ``ping`` (the guest has booted).
+
+        :raises AgentError: no answer within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if self._writer is None:
+                    self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+                await self._request("ping", timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+                return
+            except (TimeoutError, OSError, AgentError) as exc:
+                last_error = exc
+                # A timed-out ping may still be answered later: start the stream afresh.
+                await self.close()
+                await asyncio.sleep(0.1)
+        raise AgentError(f"workload agent on {self.socket_path} did not answer within {timeout_s} s "
+                         f"(last error: {last_error})")
+
+    async def close(self) -> None:
+        """Close the connection (held memory stays held in the guest)."""
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _request(self, verb: str, *args: object, timeout_s: float = 30.0) -> str:
+        if self._writer is None or self._reader is None:
+            raise AgentError("workload agent is not connected")
+        async with self._lock:
+            seq = str(next(self._seq))
+            self._writer.write(" ".join([seq, verb, *map(str, args)]).encode() + b"\n")
+            await self._writer.drain()
+            while True:
+                async with asyncio.timeout(timeout_s):
+                    line = await self._reader.readline()
+                if not line:
+                    raise AgentError("workload agent closed the connection (guest gone?)")
+                parts = line.decode(errors="replace").strip().split(" ", 2)
+                # Lines for other sequence numbers are late replies to a timed-out request.
+                if len(parts) >= 2 and parts[0] == seq:
+                    break
+        data = parts[2] if len(parts) > 2 else ""
+        if parts[1] != "ok":
+            raise AgentError(f"guest agent refused {verb}: {data}")
+        return data
+
+    async def ping(self) -> None:
+        """Round trip to the agent."""
+        await self._request("ping")
+
+    async def meminfo(self) -> dict[str, int]:
+        """The guest's /proc/meminfo highlights, in bytes (MemTotal, MemFree, MemAvailable...)."""
+        data = await self._request("meminfo")
+        return {k: int(v) for k, v in (item.split("=") for item in data.split())}
+
+    async def alloc(self, size: int | str) -> int:
+        """Allocate and touch ``size`` more bytes in the guest; returns once they are held.
+
+        :returns: bytes held in total afterwards.
+        :raises AgentError: the guest could not allocate (what was allocated before stays).
+        """
+        nbytes = parse_size(size)
+        if nbytes <= 0:
+            raise ValueError(f"allocation size must be above 0, got {size!r}")
+        started = time.monotonic()
+        before = self.held
+        try:
+            for chunk in _split(nbytes):
+                chunk_id = f"c{next(self._ids)}"
+                await self._request("alloc", chunk_id, chunk, timeout_s=120.0)
+                self._chunks.append((chunk_id, chunk))
+            # Under pressure the guest's OOM killer may take earlier holders while new ones
+            # succeed: check what is really held before saying the memory is there.
+            if await self.sync():
+                raise AgentError(f"the guest's OOM killer took memory during this allocation: it holds "
+                                 f"{format_size(self.held)} now, not {format_size(before + nbytes)}")
+        finally:
+            self._notify(f"alloc {format_size(nbytes)}", started)
+        return self.held
+
+    async def free(self, size: int | str | None = None) -> int:
+        """Free ``size`` bytes (most recent first), or everything when ``size`` is None.
+
+        :returns: bytes held afterwards.
+        """
+        if size is None:
+            started = time.monotonic()
+            await self._request("freeall")
+            self._chunks.clear()
+            self._notify("free all", started)
+            return 0
+        return await self.hold(max(0, self.held - parse_size(size)))
+
+    async def hold(self, size: int | str) -> int:
+        """Make the agent hold ``size`` bytes, allocating or freeing the difference."""
+        target = parse_size(size)
+        started = time.monotonic()
+        changed = await self.sync()
+        while self._chunks and self.held - self._chunks[-1][1] >= target:
+            chunk_id, _ = self._chunks[-1]
+            await self._request("free", chunk_id)
+            self._chunks.pop()
+            changed = True
+        if self.held > target:
+            # The last chunk straddles the target: swap it for one of the exact remainder.
+            chunk_id, _ = self._chunks.pop()
+            await self._request("free", chunk_id)
+            changed = True
+        if target > self.held:
+            await self.alloc(target - self.held)
+        elif changed:
+            self._notify(f"hold {format_size(target)}", started)
+        return self.held
+
+    async def sync(self) -> bool:
+        """Forget chunks the guest no longer holds (the OOM killer may have taken them).
+
+        :returns: True when something was forgotten.
+        """
+        data = await self._request("list")
+        alive = {item.split(":")[0] for item in data.split(",") if item}
+        kept = [(cid, size) for cid, size in self._chunks if cid in alive]
+        lost = len(kept) != len(self._chunks)
+        self._chunks = kept
+        return lost
+
+    async def run_pattern(self, pattern: Iterable[tuple[float, int]]) -> None:
+        """Follow a schedule of ``(seconds from start, bytes to hold)`` steps."""
+        start = time.monotonic()
+        for at_s, level in pattern:
+            await asyncio.sleep(max(0.0, start + at_s - time.monotonic()))
+            await self.hold(level)
+
+    def _notify(self, detail: str, started: float) -> None:
+        change = WorkloadChange(time.time(), self.held, detail, time.monotonic() - started)
+        for listener in list(self._listeners):
+            listener(change)
+
+
+def _split(nbytes: int) -> Iterator[int]:
+    while nbytes > 0:
+        chunk = min(CHUNK_BYTES, nbytes)
+        yield chunk
+        nbytes -= chunk

@@ -1,0 +1,302 @@
+"""Where the built-in guest's kernel comes from: an explicit path, the host's, or Debian's.
+
+:func:`acquire_kernel` prefers an explicit kernel (with its modules directory), then the
+host's own ``/boot/vmlinuz-$(uname -r)`` with ``/lib/modules`` when readable, and otherwise
+Debian's cloud kernel package, fetched with ``apt-get download`` and unpacked in Python
+without installing it. Downloads happen only here, through apt, at set-up time
+(``balloonlab guest build``), and are cached.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from balloonlab.image import kmod
+from balloonlab.model.errors import GuestImageError
+
+Log = Callable[[str], None]
+
+#: Where the host's own kernel is looked for (tests point these elsewhere).
+HOST_BOOT_DIR = Path("/boot")
+HOST_MODULES_ROOT = Path("/lib/modules")
+#: Debian's metapackage whose first dependency is the current cloud kernel package.
+DEBIAN_METAPACKAGE = "linux-image-cloud-amd64"
+_APT_HINT = ("run `apt-get update` as root first (the project's Makefile does this), "
+             "or pass kernel=PATH (--kernel) and modules_dir=PATH (--modules-dir)")
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """A kernel found or fetched for the guest.
+
+    :param kernel: the kernel image file.
+    :param modules_dir: its ``lib/modules/<version>`` directory (None: everything built in).
+    :param source: ``"explicit"``, ``"host"`` or ``"debian-package:<pkgname>"``.
+    :param version: the kernel release, as ``uname -r`` prints it.
+    """
+
+    kernel: Path
+    modules_dir: Path | None
+    source: str
+    version: str
+
+
+def default_cache_dir() -> Path:
+    """``$BALLOONLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/balloonlab``, else ``~/.cache/balloonlab``;
+    for root, ``/var/cache/balloonlab``.
+
+    Root's home is 0700, and a guest started through libvirt runs QEMU as another user
+    (libvirt-qemu) that must read the kernel and initramfs: root's cache lives where system
+    caches do, world-readable.
+    """
+    if os.environ.get("BALLOONLAB_CACHE_DIR"):
+        return Path(os.environ["BALLOONLAB_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg) / "balloonlab"
+    if os.getuid() == 0:
+        return Path("/var/cache/balloonlab")
+    return Path.home() / ".cache" / "balloonlab"
+
+
+def kernel_release(path: Path) -> str | None:
+    """The release string an x86 bzImage carries in its setup header (``kernel_version``).
+
+    :returns: e.g. ``"6.1.0-56-cloud-amd64"``, or None for a file without that header.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return None
+    # Boot protocol: "HdrS" at 0x202; the 16-bit field at 0x20E points 0x200 before the string.
+    if head[0x202:0x206] != b"HdrS" or len(head) < 0x210:
+        return None
+    start = struct.unpack_from("<H", head, 0x20E)[0] + 0x200
+    words = head[start:start + 256].split(b"\0")[0].decode("ascii", "replace").split()
+    return words[0] if words else None
+
+
+def _explicit_kernel(kernel: Path, modules_dir: Path | None) -> KernelInfo:
+    if not kernel.is_file() or not os.access(kernel, os.R_OK):
+        raise GuestImageError(f"kernel {kernel} does not exist or is not a readable file")
+    version = kernel_release(kernel)
+    if modules_dir is None:
+        ver = version or "?"
+        candidates = [kernel.parent / "lib/modules" / ver, kernel.parent.parent / "lib/modules" / ver,
+                      HOST_MODULES_ROOT / ver]
+        modules_dir = next((c for c in candidates if c.is_dir()), None)
+        if modules_dir is None:
+            raise GuestImageError(
+                f"no modules found for kernel {kernel} (release {version or 'unknown'}); pass "
+                "modules_dir=PATH (--modules-dir), the lib/modules/<version> directory holding "
+                "kernel/drivers/virtio/virtio_balloon.ko (searched: " + ", ".join(map(str, candidates)) + ")")
+    elif not Path(modules_dir).is_dir():
+        raise GuestImageError(f"modules_dir {modules_dir} is not a directory")
+    return KernelInfo(kernel, Path(modules_dir), "explicit", version or Path(modules_dir).name)
+
+
+def _host_kernel(log: Log) -> KernelInfo | None:
+    release = os.uname().release
+    kernel, modules = HOST_BOOT_DIR / f"vmlinuz-{release}", HOST_MODULES_ROOT / release
+    if not (os.access(kernel, os.R_OK) and kernel.is_file() and modules.is_dir()):
+        return None
+    builtin = kmod.builtin_modules(modules) or set()
+    if "virtio_balloon" not in builtin and "virtio_balloon" not in kmod.module_index(modules):
+        log(f"kernel: host kernel {release} has no virtio_balloon driver; not using it")
+        return None
+    return KernelInfo(kernel, modules, "host", release)
+
+
+def _apt_kernel_package() -> str:
+    """The cloud kernel package name: the first ``Depends:`` of the metapackage."""
+    try:
+        proc = subprocess.run(["apt-cache", "depends", DEBIAN_METAPACKAGE], capture_output=True,
+                              text=True, timeout=120, check=False)
+    except FileNotFoundError:
+        raise GuestImageError("no kernel: apt-cache is not installed (not a Debian-based system?); "
+                              "pass kernel=PATH (--kernel) and modules_dir=PATH (--modules-dir)") from None
+    for line in proc.stdout.splitlines():
+        words = line.strip().lstrip("|").split()
+        if len(words) >= 2 and words[0] == "Depends:" and not words[1].startswith("<"):
+            return words[1]
+    raise GuestImageError(f"no kernel: `apt-cache depends {DEBIAN_METAPACKAGE}` names no kernel package "
+                          f"({(proc.stderr or proc.stdout).strip() or 'no output'}); {_APT_HINT}")
+
+
+def _read_deb_data(deb: Path) -> tuple[str, bytes]:
+    """(name, bytes) of the ``data.tar.*`` member of a .deb (an ``ar`` archive)."""
+    with open(deb, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise GuestImageError(f"{deb} is not a .deb (ar) archive")
+        while header := f.read(60):
+            if len(header) < 60:
+                break
+            name = header[:16].decode().strip().rstrip("/")
+            size = int(header[48:58].decode().strip())
+            if name.startswith("data.tar"):
+                return name, f.read(size)
+            f.seek(size + size % 2, os.SEEK_CUR)  # members are padded to even offsets
+    raise GuestImageError(f"{deb} has no data.tar member")
+
+
+def _deb_members(deb: Path, want: Callable[[str], bool]) -> dict[str, bytes]:
+    """Contents of the regular files in a .deb whose path (without "./") ``want`` accepts."""
+    name, data = _read_deb_data(deb)
+    if name.endswith(".zst"):
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise GuestImageError(f"{deb} is zstd-compressed; install zstd (apt-get install zstd)")
+        data = subprocess.run([zstd, "-dc"], input=data, capture_output=True, check=True).stdout
+    found: dict[str, bytes] = {}
+    # Stream mode ("r|*") reads the xz/gz archive once, front to back.
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
+        for member in tar:
+            path = member.name.removeprefix("./")
+            if member.isfile() and want(path):
+                found[path] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    return found
+
+
+def _unpack_kernel(deb: Path, pkg: str, dest: Path, log: Log) -> None:
+    """Unpack the kernel, the virtio modules (and any module they need) into ``dest``."""
+    extra: set[str] = set()
+
+    def want(path: str) -> bool:
+        parts = path.split("/")
+        if path.startswith("boot/vmlinuz-"):
+            return True
+        if parts[:2] != ["lib", "modules"] or len(parts) < 4:
+            return False
+        return (parts[3:6] == ["kernel", "drivers", "virtio"] and path.endswith(kmod.MODULE_SUFFIXES)
+                or parts[3] == "modules.builtin" or kmod.module_name_from_path(Path(path)) in extra)
+
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
+    try:
+        while True:
+            files = _deb_members(deb, want)
+            for path, data in files.items():
+                (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / path).write_bytes(data)
+            kernels = sorted(p for p in files if p.startswith("boot/vmlinuz-"))
+            mod_dirs = sorted({"/".join(p.split("/")[:3]) for p in files if p.startswith("lib/modules/")})
+            if not kernels or not mod_dirs:
+                raise GuestImageError(f"{deb} holds no boot/vmlinuz-* or lib/modules/*: not a kernel package")
+            # Dependencies outside drivers/virtio (none in 6.1) need a second pass.
+            index = kmod.module_index(tmp / mod_dirs[0])
+            builtin = kmod.builtin_modules(tmp / mod_dirs[0]) or set()
+            missing = {d for p in index.values() for d in kmod.read_module(p).depends
+                       if d not in index and d not in builtin} - extra
+            if not missing:
+                break
+            log(f"kernel: unpacking modules needed outside drivers/virtio: {', '.join(sorted(missing))}")
+            extra |= missing
+        meta = {"package": pkg, "kernel": kernels[0], "modules_dir": mod_dirs[0],
+                "version": kernels[0].removeprefix("boot/vmlinuz-")}
+        (tmp / "kernel.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, dest)  # atomic: "dest exists" means "unpacked completely"
+        except OSError:
+            if _unpacked_kernel(dest) is None:
+                raise  # not a concurrent build that finished first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unpacked_kernel(dest: Path) -> KernelInfo | None:
+    try:
+        meta = json.loads((dest / "kernel.json").read_text())
+        info = KernelInfo(dest / meta["kernel"], dest / meta["modules_dir"],
+                          f"debian-package:{meta['package']}", meta["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return info if info.kernel.is_file() else None
+
+
+def _debian_kernel(root: Path, log: Log) -> KernelInfo:
+    kernels = root / "kernels"
+    try:
+        pkg = _apt_kernel_package()
+    except GuestImageError as exc:
+        # No apt answer (no lists, not Debian): an earlier download still does the job.
+        cached = [i for d in sorted(kernels.glob("*/root")) if (i := _unpacked_kernel(d))]
+        if not cached:
+            raise
+        info = max(cached, key=lambda i: i.kernel.stat().st_mtime_ns)
+        log(f"kernel: Debian package {info.source.split(':', 1)[1]} (cached; apt-cache failed: {exc})")
+        return info
+    pkg_dir = kernels / pkg
+    info = _unpacked_kernel(pkg_dir / "root")
+    if info is not None:
+        log(f"kernel: Debian package {pkg} (cached)")
+        return info
+    pkg_dir.mkdir(parents=True, exist_ok=True)
+    debs = sorted(pkg_dir.glob(f"{pkg}_*.deb"))  # kept: a re-unpack needs no download
+    state = "cached .deb" if debs else "downloaded"
+    if not debs:
+        debs = [_apt_download(pkg, pkg_dir)]
+    _unpack_kernel(debs[0], pkg, pkg_dir / "root", log)
+    info = _unpacked_kernel(pkg_dir / "root")
+    if info is None:
+        raise GuestImageError(f"unpacking {debs[0]} gave no usable kernel")
+    log(f"kernel: Debian package {pkg} ({state})")
+    log(f"kernel: unpacked {info.kernel.name} and {len(list(info.modules_dir.rglob('*.ko')))} modules "
+        f"into {pkg_dir / 'root'}")
+    return info
+
+
+def _apt_download(pkg: str, pkg_dir: Path) -> Path:
+    """``apt-get download pkg`` into ``pkg_dir``; the .deb's path."""
+    # Download into a private directory so a killed download never looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=pkg_dir))
+    try:
+        try:
+            proc = subprocess.run(["apt-get", "download", pkg], cwd=tmp, capture_output=True,
+                                  text=True, timeout=900, check=False)
+        except FileNotFoundError:
+            raise GuestImageError(f"no kernel: apt-get is not installed; {_APT_HINT}") from None
+        got = sorted(tmp.glob("*.deb"))
+        if proc.returncode != 0 or not got:
+            raise GuestImageError(f"no kernel: `apt-get download {pkg}` failed: "
+                                  f"{proc.stderr.strip()[-500:] or 'no .deb'}; {_APT_HINT}")
+        os.rename(got[0], pkg_dir / got[0].name)
+        return pkg_dir / got[0].name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def acquire_kernel(*, kernel: Path | None = None, modules_dir: Path | None = None,
+                   cache_dir: Path | None = None, log: Log | None = None) -> KernelInfo:
+    """Find a kernel for the guest: ``kernel``, else the host's, else Debian's cloud kernel.
+
+    :param kernel: use this kernel image.
+    :param modules_dir: its ``lib/modules/<version>`` (searched next to ``kernel`` if omitted).
+    :param cache_dir: where downloaded kernels are kept (``<cache>/kernels/<pkg>/``).
+    :param log: receives a line saying which kernel was chosen and whether it was cached.
+    :raises GuestImageError: when the explicit kernel or its modules are missing, or apt cannot
+        fetch the Debian kernel (the message says to run ``apt-get update`` or pass --kernel).
+    """
+    say: Log = log or (lambda line: None)
+    if kernel is not None:
+        info = _explicit_kernel(Path(kernel), None if modules_dir is None else Path(modules_dir))
+        say(f"kernel: explicit {info.kernel} ({info.version}, modules from {info.modules_dir})")
+        return info
+    info = _host_kernel(say)
+    if info is not None:
+        say(f"kernel: host {info.kernel} with {info.modules_dir}")
+        return info
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _debian_kernel(root, say)
+
+

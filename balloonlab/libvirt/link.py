@@ -1,0 +1,272 @@
+"""A link to one libvirt domain: libvirt's API for it, its events, and QMP passthrough.
+
+libvirt-python is blocking: every call runs in a worker thread (``asyncio.to_thread``).
+Events arrive on libvirt's event thread (:func:`~balloonlab.libvirt.api.ensure_event_loop`)
+and are handed to the asyncio loop with ``call_soon_threadsafe``. With ``via == "qmp"`` the
+link is also a :class:`~balloonlab.qemu.transport.QMPTransport`: QEMU's own commands go
+through ``qemuMonitorCommand``, so the QMP backend's discovery and balloon reads run over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import libvirt
+
+from balloonlab.domain import DomainSpec, parse_domain_xml
+from balloonlab.libvirt.api import domain_gone, ensure_event_loop, error_text, map_error, state_name
+from balloonlab.model.errors import CommandError, MonitorError
+from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S, validate_period
+from balloonlab.qemu.transport import ConnectionCache, QMPEvent
+
+try:
+    import libvirt_qemu
+except ImportError:  # pragma: no cover - shipped with libvirt-python
+    libvirt_qemu = None
+
+log = logging.getLogger(__name__)
+StatsVia = Literal["auto", "qmp", "libvirt"]
+
+
+def is_local_qemu(uri: str) -> bool:
+    """True for a QEMU driver URI on this host (``qemu:///system``, ``qemu:///session``)."""
+    parts = urlsplit(uri)
+    return parts.scheme.split("+")[0] == "qemu" and not parts.hostname
+
+
+def resolve_via(stats_via: str, uri: str) -> str:
+    """``auto`` -> ``qmp`` on a local QEMU URI with libvirt_qemu, else ``libvirt``.
+
+    :raises ValueError: not one of auto, qmp, libvirt.
+    """
+    if stats_via not in ("auto", "qmp", "libvirt"):
+        raise ValueError(f"stats_via must be 'auto', 'qmp' or 'libvirt', got {stats_via!r}")
+    if stats_via == "auto":
+        return "qmp" if libvirt_qemu is not None and is_local_qemu(uri) else "libvirt"
+    return stats_via
+
+
+class DomainLink:
+    """One libvirt connection to one domain: libvirt's API for it, its events, and QEMU's QMP
+    through passthrough (a :class:`~balloonlab.qemu.transport.QMPTransport`).
+
+    :param conn: an open ``virConnect`` (opened after :func:`ensure_event_loop`).
+    :param name: the domain's name (events are matched by it until the UUID is known).
+    :param via: ``"qmp"`` allows QMP passthrough (``qemuMonitorCommand``), ``"libvirt"``
+        uses libvirt's API only.
+    """
+
+    socket_path = None  # libvirt owns QEMU's monitor socket
+
+    def __init__(self, conn: libvirt.virConnect, name: str, *, via: str) -> None:
+        self.conn = conn
+        self.name = name
+        self.via = via
+        self.dom: libvirt.virDomain | None = None
+        self.uuid: str | None = None
+        #: libvirt calls made through this link (one per sample for memoryStats).
+        self.round_trips = 0
+        self.cache = ConnectionCache()  # the QOM path found through passthrough, per link
+        #: Set once libvirt reported the domain stopped, or said it is gone.
+        self.stopped: str | None = None
+        self.closed_reason: str | None = None
+        self._handlers: list[Callable[[QMPEvent], None]] = []
+        self._lifecycle: list[Callable[[int, int], None]] = []
+        self._callback_ids: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, dom: libvirt.virDomain) -> None:
+        """The domain this link follows from now on."""
+        self.dom = dom
+        self.uuid = dom.UUIDString()
+        self.name = dom.name()
+
+    # -- the QMP transport ----------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.closed_reason is None and self.stopped is None
+
+    def add_event_handler(self, handler: Callable[[QMPEvent], None]) -> None:
+        """``handler(QMPEvent)`` for BALLOON_CHANGE (actual in bytes) and RESET (guest reboot)."""
+        self._handlers.append(handler)
+
+    def remove_event_handler(self, handler: Callable[[QMPEvent], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._handlers.remove(handler)
+
+    def add_lifecycle_handler(self, handler: Callable[[int, int], None]) -> None:
+        """``handler(event, detail)`` for libvirt lifecycle events (on the asyncio loop)."""
+        self._lifecycle.append(handler)
+
+    async def call(self, api: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking libvirt call in a worker thread; libvirt errors become balloonlab's."""
+        self.round_trips += 1
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except libvirt.libvirtError as exc:
+            if domain_gone(exc) and self.stopped is None:
+                self.stopped = error_text(exc)
+            raise map_error(exc, api) from exc
+
+    def _domain(self) -> libvirt.virDomain:
+        if self.dom is None:
+            raise MonitorError(f"{self.name}: no libvirt domain bound yet")
+        return self.dom
+
+    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """One QMP command straight to QEMU through libvirt (``virsh qemu-monitor-command``).
+
+        libvirt marks the domain tainted (``custom-monitor``) on first use and logs it.
+
+        :raises CommandError: QEMU's error reply (class and text kept), or passthrough not
+            allowed on this link.
+        """
+        if self.via != "qmp" or libvirt_qemu is None:
+            raise CommandError(command, "NotSupported",
+                               f"QMP command {command!r} needs QMP passthrough (stats_via='qmp' on a "
+                               f"local qemu:// URI); this link uses libvirt's API only")
+        message = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
+        text = await self.call("qemuMonitorCommand", libvirt_qemu.qemuMonitorCommand,
+                               self._domain(), message, 0)
+        try:
+            reply = json.loads(text)
+        except ValueError as exc:
+            raise MonitorError(f"{command}: garbled QMP reply through libvirt: {text[:200]!r}") from exc
+        if "error" in reply:
+            error = reply["error"]
+            raise CommandError(command, error.get("class", "GenericError"), error.get("desc", ""))
+        return reply.get("return")
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout_s: float | None = None) -> Any:
+        """The QMP transport's command: QEMU's own command through passthrough (see :meth:`qmp`).
+
+        ``timeout_s`` is ignored: libvirt applies its own job and keepalive timeouts.
+
+        :raises CommandError: QEMU's error, or passthrough not allowed on this link.
+        """
+        return await self.qmp(command, arguments)
+
+    async def set_memory(self, target_bytes: int) -> None:
+        """``virDomainSetMemoryFlags(KiB, LIVE)``: the balloon target (libvirt takes KiB;
+        rounded up, so the guest never gets less than asked)."""
+        kib = -(-int(target_bytes) // 1024)
+        await self.call("virDomainSetMemoryFlags", self._domain().setMemoryFlags, kib,
+                        libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    async def state(self) -> str:
+        """``virDomainGetState`` as QEMU's run-state word where one fits (``running``, ``paused``)."""
+        state, _reason = await self.call("virDomainGetState", self._domain().state)
+        return state_name(state)
+
+    async def set_stats_period(self, seconds: int) -> None:
+        """``virDomainSetMemoryStatsPeriod(seconds, VIR_DOMAIN_AFFECT_LIVE)``.
+
+        :raises TypeError, ValueError: a period libvirt (a C int) would refuse.
+        """
+        validate_period(seconds, LIBVIRT_MAX_PERIOD_S)
+        await self.call("virDomainSetMemoryStatsPeriod", self._domain().setMemoryStatsPeriod,
+                        seconds, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    async def memory_stats(self) -> dict[str, int]:
+        """``virDomainMemoryStats``: libvirt's names, KiB (counts unchanged)."""
+        return dict(await self.call("virDomainMemoryStats", self._domain().memoryStats))
+
+    async def live_xml(self) -> str:
+        return str(await self.call("virDomainGetXMLDesc", self._domain().XMLDesc, 0))
+
+    async def live_spec(self) -> DomainSpec:
+        """The running domain's XML as a DomainSpec."""
+        return parse_domain_xml(await self.live_xml())
+
+    # -- events ---------------------------------------------------------------------------
+    def _mine(self, dom: libvirt.virDomain) -> bool:
+        return dom.UUIDString() == self.uuid if self.uuid else dom.name() == self.name
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _dispatch(self, event: QMPEvent) -> None:
+        for handler in list(self._handlers):
+            try:
+                handler(event)
+            except Exception:
+                log.exception("event handler %r failed on %s", handler, event.name)
+
+    def _on_lifecycle(self, event: int, detail: int) -> None:
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and self.stopped is None:
+            self.stopped = f"stopped (libvirt lifecycle detail {detail})"
+        for handler in list(self._lifecycle):
+            handler(event, detail)
+
+    async def watch(self) -> None:
+        """Subscribe to this domain's balloon, lifecycle and reboot events (all domains,
+        filtered by name/UUID, so a launch can subscribe before the domain exists)."""
+        self._loop = asyncio.get_running_loop()
+
+        def balloon(_conn: Any, dom: Any, actual_kib: int, _opaque: Any) -> None:
+            if self._mine(dom):
+                self._post(self._dispatch, QMPEvent("BALLOON_CHANGE", {"actual": actual_kib * 1024}, time.time()))
+
+        def lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+            if self._mine(dom):
+                self._post(self._on_lifecycle, event, detail)
+
+        def reboot(_conn: Any, dom: Any, _opaque: Any) -> None:
+            if self._mine(dom):
+                self._post(self._dispatch, QMPEvent("RESET", {}, time.time()))
+
+        def closed(_conn: Any, reason: int, _opaque: Any) -> None:
+            self._post(setattr, self, "closed_reason", f"libvirt connection closed (reason {reason})")
+
+        for event_id, callback in ((libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, balloon),
+                                   (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),
+                                   (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, reboot)):
+            self._callback_ids.append(await self.call(
+                "virConnectDomainEventRegisterAny", self.conn.domainEventRegisterAny, None, event_id,
+                callback, None))
+        with contextlib.suppress(libvirt.libvirtError):
+            await asyncio.to_thread(self.conn.registerCloseCallback, closed, None)
+
+    async def close(self) -> None:
+        """Unsubscribe and close the connection. Idempotent."""
+        if self.closed_reason == "closed":
+            return
+        ids, self._callback_ids = self._callback_ids, []
+
+        def shut() -> None:
+            for callback_id in ids:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self.conn.domainEventDeregisterAny(callback_id)
+            with contextlib.suppress(libvirt.libvirtError):
+                self.conn.unregisterCloseCallback()
+            with contextlib.suppress(libvirt.libvirtError):
+                self.conn.close()
+
+        self.closed_reason = "closed"
+        await asyncio.to_thread(shut)
+
+
+async def open_link(uri: str, name: str, stats_via: str) -> DomainLink:
+    """Open a libvirt connection for domain ``name`` (after libvirt's event loop runs).
+
+    :raises MonitorError: libvirt is not reachable at ``uri`` (its message kept).
+    """
+    via = resolve_via(stats_via, uri)
+    ensure_event_loop()  # before the connection opens, or it gets no events
+    try:
+        conn = await asyncio.to_thread(libvirt.open, uri)
+    except libvirt.libvirtError as exc:
+        raise MonitorError(f"cannot connect to libvirt at {uri}: {error_text(exc)} "
+                           "(is libvirtd running? scripts/libvirtd start)") from exc
+    return DomainLink(conn, name, via=via)

@@ -1,0 +1,52 @@
+"""Deciding, for one reader, whether a read holds a new report and whether the guest reset.
+
+Reading the balloon is pure: a read returns the guest's last report and changes nothing that
+another reader sees. What is "new" depends on who asks (a sampler that read a second ago, a
+notebook that last looked a minute ago), so each consumer keeps its own
+:class:`StatsClassifier`. A reset is seen three ways: QEMU sent a RESET event since this
+consumer's last read (the record's ``resets`` count moved), last-update went back to 0
+(QEMU >= 8 zeroes the stats on a guest reset), or a cumulative counter went backwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from balloonlab.model.schema import COUNTERS
+from balloonlab.model.stats import BalloonStats
+
+
+class StatsClassifier:
+    """One consumer's view of a balloon's reports: which reads are new, which follow a reset."""
+
+    def __init__(self) -> None:
+        self._last_update: int | None = None
+        self._last_stats: dict[str, int | None] = {}
+        self._last_counters: dict[str, int] = {}
+        self._resets: int | None = None
+        self._reset_pending = False
+
+    def classify(self, record: BalloonStats) -> BalloonStats:
+        """``record`` with ``new`` and ``reset`` set for this consumer (the input is unchanged)."""
+        if self._resets is not None and record.resets != self._resets:
+            self._reset_pending = True
+        self._resets = record.resets
+        lu = record.last_update
+        if lu is None:
+            if self._last_update is not None:
+                self._reset_pending = True  # QEMU >= 8 zeroes the stats on guest reset
+            self._last_update = None
+            return dataclasses.replace(record, new=False, reset=False)
+        # last-update has whole-second resolution: two reports within one second differ only
+        # in their values.
+        new = lu != self._last_update or record.stats != self._last_stats
+        self._last_stats = record.stats
+        reset = False
+        if new:
+            counters = {k: v for k, v in record.stats.items() if k in COUNTERS and v is not None}
+            went_back = any(v < self._last_counters.get(k, 0) for k, v in counters.items())
+            reset = self._reset_pending or went_back
+            self._reset_pending = False
+            self._last_counters = counters
+            self._last_update = lu
+        return dataclasses.replace(record, new=new, reset=reset)

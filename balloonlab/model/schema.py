@@ -1,0 +1,103 @@
+"""The one table of balloon statistics, and the columns of the frames built from them.
+
+Every other module takes stat names, QEMU keys, libvirt names, units and counter/gauge kinds
+from :data:`STATS`: the stats parser (QEMU key -> column), the columnar buffer (which columns
+exist before the first sample), the libvirt view and its inverse (libvirt name and KiB
+divisor), rates (counters only). A stat QEMU adds later is kept under its own snake-case name
+even before it is listed here; adding it here gives it a column from the first row, a unit
+and (if libvirt maps it) a libvirt name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Unit = Literal["bytes", "count"]
+Kind = Literal["counter", "gauge"]
+
+
+@dataclass(frozen=True)
+class StatDef:
+    """One balloon statistic.
+
+    :param name: balloonlab's column name: QEMU's name without ``stat-``, snake case.
+    :param qemu_key: the key in QEMU's ``guest-stats`` reply.
+    :param unit: ``bytes`` or ``count``.
+    :param kind: ``counter`` (cumulative since the guest booted) or ``gauge``.
+    :param libvirt_name: ``virsh dommemstat``'s name, None where libvirt does not map it.
+    :param since: the QEMU version that first reports it.
+    """
+
+    name: str
+    qemu_key: str
+    unit: Unit
+    kind: Kind
+    libvirt_name: str | None
+    since: str = "2.5"
+
+    @property
+    def libvirt_divisor(self) -> int:
+        """libvirt divides bytes by 1024 (KiB, truncated) and leaves counts alone."""
+        return 1024 if self.unit == "bytes" else 1
+
+
+def _stat(name: str, unit: Unit, kind: Kind, libvirt_name: str | None, since: str = "2.5") -> StatDef:
+    return StatDef(name, "stat-" + name.replace("_", "-"), unit, kind, libvirt_name, since)
+
+
+#: Every stat QEMU reports, in QEMU's order (docs/balloon-facts.md "Reading stats").
+STATS: tuple[StatDef, ...] = (
+    _stat("swap_in", "bytes", "counter", "swap_in"),
+    _stat("swap_out", "bytes", "counter", "swap_out"),
+    _stat("major_faults", "count", "counter", "major_fault"),
+    _stat("minor_faults", "count", "counter", "minor_fault"),
+    _stat("free_memory", "bytes", "gauge", "unused"),
+    _stat("total_memory", "bytes", "gauge", "available"),   # libvirt's "available" is MemTotal
+    _stat("available_memory", "bytes", "gauge", "usable", "4.1"),
+    _stat("disk_caches", "bytes", "gauge", "disk_caches", "2.12"),
+    _stat("htlb_pgalloc", "count", "counter", "hugetlb_pgalloc", "3.0"),
+    _stat("htlb_pgfail", "count", "counter", "hugetlb_pgfail", "3.0"),
+)
+STATS_BY_NAME: dict[str, StatDef] = {s.name: s for s in STATS}
+#: Column names of the stats, in table order.
+STAT_NAMES: tuple[str, ...] = tuple(s.name for s in STATS)
+#: Cumulative counters: they only grow until the guest resets.
+COUNTERS: frozenset[str] = frozenset(s.name for s in STATS if s.kind == "counter")
+
+def _libvirt_rows() -> tuple[tuple[str, str, int], ...]:
+    rows = [("actual", "actual", 1024)]
+    for stat in STATS:
+        if stat.name == "disk_caches":  # libvirt's enum has last_update before disk_caches
+            rows.append(("last_update", "last_update", 1))
+        if stat.libvirt_name is not None:
+            rows.append((stat.libvirt_name, stat.name, stat.libvirt_divisor))
+    rows.append(("rss", "rss", 1024))
+    return tuple(rows)
+
+
+#: ``virsh dommemstat`` rows in the order virsh prints them: (libvirt name, source, divisor).
+#: Source is a stat name or ``actual`` / ``last_update`` / ``rss`` (qemuMonitorJSON-
+#: GetMemoryStats divides memory values by 1024 with truncation; counts stay as they are).
+LIBVIRT_ROWS: tuple[tuple[str, str, int], ...] = _libvirt_rows()
+#: libvirt dommemstat name -> (balloonlab source name, factor back to bytes or counts).
+FROM_LIBVIRT: dict[str, tuple[str, int]] = {name: (source, divisor) for name, source, divisor in LIBVIRT_ROWS}
+
+#: Columns every samples frame has before the stats, and after them (frame order).
+SampleKind = Literal["int", "float", "bool", "category", "str", "epoch_s"]
+SAMPLE_HEAD: dict[str, SampleKind] = {"guest": "category", "last_update": "epoch_s"}
+SAMPLE_TAIL: dict[str, SampleKind] = {
+    "actual": "int", "target": "int", "period_s": "int", "rss": "int", "age_s": "float", "reset": "bool",
+}
+#: Columns of the events frame.
+EVENT_COLUMNS: dict[str, SampleKind] = {
+    "guest": "category", "kind": "category", "value": "int", "duration_s": "float", "detail": "str",
+}
+#: The kinds of event a run records.
+EVENT_KINDS: tuple[str, ...] = ("balloon_change", "target", "period", "workload", "reset", "launch",
+                                "shutdown", "error")
+
+
+def stat_name(qemu_key: str) -> str:
+    """``"stat-free-memory"`` -> ``"free_memory"`` (also for keys not in :data:`STATS`)."""
+    return qemu_key.removeprefix("stat-").replace("-", "_")

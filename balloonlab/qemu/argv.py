@@ -1,0 +1,232 @@
+"""From a :class:`~balloonlab.domain.DomainSpec` to a ``qemu-system`` command line.
+
+:func:`balloon_device` gives the balloon's ``-device`` properties exactly as libvirt writes them
+(same driver, names and order, checked against libvirt's own test ``.args`` files), and
+:func:`build_argv` a whole argv that QEMU 7.2 boots: paused (``-S``) with a QMP socket, so the
+monitor layer can set the stats period before the vCPUs run, as libvirt does. Both are pure
+functions; only :func:`kvm_usable` / :func:`resolve_accel` look at the host. Starting the
+process is the launcher's job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from balloonlab.domain import DiskSpec, DomainSpec
+from balloonlab.qemu.devices import balloon_device_type
+
+#: libvirt's names for the memballoon ``<driver>`` virtio options on the QEMU command line.
+VIRTIO_OPTION_PROPERTIES = {"iommu": "iommu_platform", "ats": "ats", "packed": "packed",
+                            "page_per_vq": "page-per-vq"}
+# QEMU binary per guest arch where the names differ; i686 guests run on qemu-system-x86_64
+# in libvirt's tests (hostdev-pci-address: arch i686, emulator qemu-system-x86_64).
+_ARCH_BINARY = {"i686": "x86_64", "armv7l": "arm", "ppc64le": "ppc64", "s390": "s390x"}
+_ACCELS = ("kvm", "tcg")
+
+
+def balloon_device(spec: DomainSpec) -> dict[str, object] | None:
+    """The balloon's ``-device`` properties, in libvirt's order and naming; None without a balloon.
+
+    The stats period is never among them: libvirt (and balloonlab) set it over QMP.
+
+    :raises ValueError: for the 'xen' model, which QEMU has no device for.
+    """
+    balloon = spec.memballoon
+    if balloon is None:
+        return None
+    if balloon.model == "xen":
+        raise ValueError("memballoon model 'xen' has no QEMU device; expected a virtio model")
+    address = balloon.address
+    kind = address.type if address is not None else ("ccw" if spec.arch in ("s390x", "s390") else "pci")
+    props: dict[str, object] = {"driver": balloon_device_type(balloon.model, kind)}
+    props.update((VIRTIO_OPTION_PROPERTIES[name], on) for name, on in balloon.driver_options)
+    props["id"] = balloon.alias or "balloon0"
+    if balloon.autodeflate is not None:  # libvirt writes an explicit off as false
+        props["deflate-on-oom"] = balloon.autodeflate
+    if balloon.free_page_reporting is not None:
+        props["free-page-reporting"] = balloon.free_page_reporting
+    if address is not None and address.type == "pci":
+        props["bus"] = f"pci.{address.bus or 0}"
+        props["addr"] = f"0x{address.slot or 0:x}" + (f".0x{address.function:x}" if address.function else "")
+    elif address is not None and address.type == "ccw":
+        props["devno"] = f"{address.cssid or 0:x}.{address.ssid or 0:x}.{address.devno or 0:04x}"
+    return props
+
+
+def qemu_binary_for(spec: DomainSpec) -> str:
+    """``spec.emulator`` if set, else ``qemu-system-<arch>`` (x86_64 when no arch is given)."""
+    if spec.emulator:
+        return spec.emulator
+    arch = spec.arch or "x86_64"
+    return f"qemu-system-{_ARCH_BINARY.get(arch, arch)}"
+
+
+def kvm_usable(dev: str = "/dev/kvm", cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True only when ``dev`` opens read-write and the CPU flags show vmx or svm.
+
+    A /dev/kvm node alone proves nothing: containers and sandboxes ship stand-ins.
+
+    :param dev: the KVM device node (a parameter for tests).
+    :param cpuinfo: the cpuinfo file to read flags from (a parameter for tests).
+    """
+    try:
+        os.close(os.open(dev, os.O_RDWR | os.O_CLOEXEC))
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            flags = {word for line in handle if line.startswith("flags")
+                     for word in line.partition(":")[2].split()}
+    except OSError:
+        return False
+    return bool(flags & {"vmx", "svm"})
+
+
+def resolve_accel(requested: str) -> str:
+    """'auto' -> 'kvm' when :func:`kvm_usable`, else 'tcg'; 'kvm' and 'tcg' are kept as asked.
+
+    :raises ValueError: for any other value.
+    """
+    if requested == "auto":
+        return "kvm" if kvm_usable() else "tcg"
+    if requested in _ACCELS:
+        return requested
+    raise ValueError(f"accel {requested!r} is not supported; expected 'auto', 'kvm' or 'tcg'")
+
+
+def memory_option(spec: DomainSpec) -> str:
+    """The ``-m`` value, ``size=<KiB>k``, with libvirt's alignment.
+
+    libvirt rounds the initial memory up to 1 MiB, so 219100 KiB becomes ``size=219136k``
+    (libvirt's hostdev-pci-address test); on ppc64 we round to 256 MiB, the block size QEMU's
+    pseries machine needs. There is no ``maxmem``: balloonlab hot-plugs no memory, and a large
+    maxMemory does not boot under TCG ("phys-bits too low (40)" for libvirt's 1 PiB example).
+    """
+    align_kib = 256 * 1024 if (spec.arch or "").startswith("ppc64") else 1024
+    kib = -(-spec.memory_bytes // 1024)
+    return f"size={-(-kib // align_kib) * align_kib}k"
+
+
+def _esc(value: str) -> str:
+    return value.replace(",", ",,")  # QEMU's option syntax: a literal comma is doubled
+
+
+def _root_pci_bus(machine: str) -> str | None:
+    if machine == "q35" or machine.startswith("pc-q35") or machine.startswith("virt"):
+        return "pcie.0"
+    if machine == "pc" or machine.startswith("pc-") or machine.startswith("pseries"):
+        return "pci.0"
+    return None
+
+
+def _launch_balloon(spec: DomainSpec, machine: str) -> dict[str, object] | None:
+    props = balloon_device(spec)
+    if props is None or "bus" not in props:
+        return props
+    address = spec.memballoon.address  # type: ignore[union-attr]  # bus implies a PCI address
+    root = _root_pci_bus(machine)
+    # libvirt creates bridges and root ports for other buses; we create none, so only a slot
+    # on the root bus can be honoured (QEMU picks a free slot otherwise).
+    if address.bus == 0 and address.domain == 0 and root is not None:
+        props["bus"] = root
+    else:
+        del props["bus"], props["addr"]
+    return props
+
+
+def _json(value: dict[str, object]) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _disk_driver(disk: DiskSpec, readonly: bool) -> str:
+    cdrom = disk.device == "cdrom"
+    bus = disk.bus or {"hd": "ide", "sd": "scsi"}.get((disk.target or "")[:2], "virtio")
+    if bus == "virtio" and not cdrom:
+        return "virtio-blk-pci"
+    if bus in ("ide", "sata"):
+        if readonly and not cdrom:
+            raise ValueError(f"disk {disk.source!r}: QEMU cannot attach a read-only IDE/SATA hard disk")
+        return "ide-cd" if cdrom else "ide-hd"
+    if bus == "scsi":
+        return "scsi-cd" if cdrom else "scsi-hd"
+    raise ValueError(f"disk {disk.source!r}: bus {bus!r} with device {disk.device!r} is not supported")
+
+
+def _ide_place(ide_index: int, machine: str) -> dict[str, object]:
+    # QEMU does not spread IDE devices over buses by itself: pc's PIIX has ide.0/ide.1 with two
+    # units each, q35's built-in AHCI has ide.0..ide.5 with one unit each.
+    if _root_pci_bus(machine) == "pcie.0":
+        return {"bus": f"ide.{ide_index}", "unit": 0}
+    return {"bus": f"ide.{ide_index // 2}", "unit": ide_index % 2}
+
+
+def _disk_args(spec: DomainSpec, machine: str) -> list[str]:
+    argv: list[str] = []
+    ide_count = 0
+    for index, disk in enumerate(spec.disks):
+        node, readonly = f"disk{index}", disk.readonly or disk.device == "cdrom"
+        device: dict[str, object] = {"driver": _disk_driver(disk, readonly), "drive": f"{node}-format",
+                                     "id": node}
+        if str(device["driver"]).startswith("ide-"):
+            device.update(_ide_place(ide_count, machine))
+            ide_count += 1
+        elif str(device["driver"]).startswith("scsi-"):
+            if "virtio-scsi-pci,id=scsi0" not in argv:
+                argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+            device["bus"] = "scsi0.0"
+        if index == 0:
+            device["bootindex"] = 1
+        # host_device for block devices: QEMU's file driver refuses anything but regular files
+        storage = {"driver": "host_device" if disk.source.startswith("/dev/") else "file",
+                   "filename": disk.source, "node-name": f"{node}-storage", "read-only": readonly}
+        fmt = {"node-name": f"{node}-format", "read-only": readonly, "driver": disk.format,
+               "file": f"{node}-storage"}
+        argv += ["-blockdev", _json(storage), "-blockdev", _json(fmt), "-device", _json(device)]
+    return argv
+
+
+def _serial_args(console_log: str, agent_socket: str | None) -> list[str]:
+    # The launcher owns the serial ports: paths in the XML are ignored. -serial fills the
+    # ports in order, so the console is always port 0 and the agent port 1.
+    argv = ["-chardev", f"file,id=console,path={_esc(console_log)}", "-serial", "chardev:console"]
+    if agent_socket is not None:
+        argv += ["-chardev", f"socket,id=agent,path={_esc(agent_socket)},server=on,wait=off",
+                 "-serial", "chardev:agent"]
+    return argv
+
+
+def _kernel_args(spec: DomainSpec) -> list[str]:
+    argv: list[str] = []
+    for option, value in (("-kernel", spec.kernel), ("-initrd", spec.initrd), ("-append", spec.cmdline)):
+        if value is not None:
+            argv += [option, value]
+    return argv
+
+
+def build_argv(spec: DomainSpec, *, qmp_socket: str, console_log: str, agent_socket: str | None,
+               accel: str, qemu_binary: str | None = None) -> list[str]:
+    """The qemu-system argv that starts ``spec`` paused, with QMP on ``qmp_socket``.
+
+    Serial port 0 goes to ``console_log`` (always), port 1 to the ``agent_socket`` unix socket
+    (when given). A balloon PCI address is kept only on the machine's root bus.
+
+    :param accel: 'kvm' or 'tcg', already resolved (see :func:`resolve_accel`).
+    :param qemu_binary: overrides :func:`qemu_binary_for`.
+    :raises ValueError: for another accel, or a disk QEMU cannot attach as described.
+    """
+    if accel not in _ACCELS:
+        raise ValueError(f"accel {accel!r} is not resolved; expected 'kvm' or 'tcg'")
+    machine = spec.machine or "pc"
+    argv = [qemu_binary or qemu_binary_for(spec), "-name", f"guest={_esc(spec.name)},debug-threads=on",
+            "-S", "-machine", machine, "-accel", accel]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    argv += ["-m", memory_option(spec), "-smp", str(spec.vcpus)]
+    if spec.uuid:
+        argv += ["-uuid", spec.uuid]
+    argv += ["-nodefaults", "-no-user-config", "-display", "none",
+             "-chardev", f"socket,id=qmp,path={_esc(qmp_socket)},server=on,wait=off",
+             "-mon", "chardev=qmp,mode=control"]
+    argv += _serial_args(console_log, agent_socket) + _kernel_args(spec) + _disk_args(spec, machine)
+    balloon = _launch_balloon(spec, machine)
+    if balloon is not None:
+        argv += ["-device", _json(balloon)]
+    return argv

@@ -1,0 +1,366 @@
+"""QEMU guests: launch from domain XML, attach to a running QEMU, reconnect, shut down.
+
+This is the lifecycle layer. :meth:`Guest.launch` keeps libvirt's order: QEMU starts paused
+(``-S``), the monitor connects, the balloon is found, the statistics period from
+``<stats period>`` is set (a failure is a recorded warning, not a failed launch), the initial
+target from ``<currentMemory>`` is sent, and only then do the vCPUs run (``cont``).
+:meth:`Guest.attach` (someone else's QEMU) sets the period only if the VM is running;
+:meth:`Guest.reconnect` (a detached guest balloonlab launched earlier, from a new process)
+never sets it and reads the live value instead. A launched guest is owned by its process and
+dies with it (:mod:`balloonlab.qemu.registry`'s reaper) unless launched or marked detached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from balloonlab.domain import DomainSpec, as_spec, parse_domain_xml
+from balloonlab.image.agent import Workload
+from balloonlab.image.kernel import kernel_release
+from balloonlab.model.deadline import WaitAborted, wait_until
+from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
+from balloonlab.model.guest import GuestBase, rollback
+from balloonlab.model.procfs import process_rss_bytes
+from balloonlab.model.protocols import Origin
+from balloonlab.qemu import registry as runtime
+from balloonlab.qemu.argv import build_argv, qemu_binary_for, resolve_accel
+from balloonlab.qemu.balloon import Balloon
+from balloonlab.qemu.monitor import Monitor
+from balloonlab.qemu.reaper import Reaper
+
+log = logging.getLogger(__name__)
+#: What the built-in guest's init prints on its console once the agent listens.
+READY_LINE = b"BALLOONLAB-READY"
+
+
+class Guest(GuestBase):
+    """One QEMU guest and its balloon (async core; see :class:`balloonlab.SyncGuest`).
+
+    Build one with :meth:`launch`, :meth:`attach` or :meth:`reconnect`, not directly.
+    """
+
+    def __init__(self, *, name: str, spec: DomainSpec | None, monitor: Monitor, origin: Origin,
+                 pid: int | None = None, process: subprocess.Popen[bytes] | None = None,
+                 paths: runtime.RuntimePaths | None = None, reaper: Reaper | None = None,
+                 record: runtime.GuestRecord | None = None) -> None:
+        super().__init__(name)
+        self.spec = spec
+        self.monitor = monitor
+        self.origin: Origin = origin
+        self.pid = pid
+        self.paths = paths
+        self.record = record
+        self.balloon = Balloon(monitor, spec.memballoon if spec else None,
+                               max_bytes=spec.memory_bytes if spec else None)
+        self._process = process
+        self._reaper = reaper
+        self._closed = False
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    async def launch(cls, domain: DomainSpec | str | os.PathLike[str], *, name: str | None = None,
+                     accel: str = "auto", detached: bool = False, qemu_binary: str | None = None,
+                     boot_timeout_s: float = 90.0) -> Guest:
+        """Start QEMU from a libvirt domain XML (spec, text or file) and bring the guest up.
+
+        :param name: overrides the XML's ``<name>`` (it names the runtime dir).
+        :param accel: ``auto`` (KVM only where it really works), ``kvm`` or ``tcg``.
+        :param detached: the guest outlives this process (see :meth:`reconnect`).
+        :param boot_timeout_s: how long a guest with balloonlab's agent may take to answer.
+        :raises LaunchError: QEMU missing or failed; command, exit code and output attached.
+            No process and no runtime dir are left behind.
+        :raises GuestNameInUse: a live guest already has this name.
+        :raises DomainXMLError: the XML is invalid.
+        """
+        spec = as_spec(domain)
+        if name is not None:
+            spec = dataclasses.replace(spec, name=runtime.validate_name(name))
+        binary = qemu_binary or qemu_binary_for(spec)
+        _check_inputs(spec, binary)
+        chosen = resolve_accel(accel)
+        paths = runtime.claim_runtime_dir(spec.name)
+        argv = build_argv(spec, qmp_socket=str(paths.qmp_socket), console_log=str(paths.console_log),
+                          agent_socket=str(paths.agent_socket) if spec.agent else None,
+                          accel=chosen, qemu_binary=shutil.which(binary) or binary)
+        async def remove_dir() -> None:
+            runtime.remove_runtime_dir(paths.dir)
+        async with rollback(remove_dir):
+            guest = await cls._spawn(spec, paths, argv, chosen, detached)
+        output = ""
+
+        def failed(exc: BaseException) -> LaunchError:
+            code = guest._exitcode()
+            # When QEMU died, its own words (in `output`) explain more than the symptom.
+            reason = f"QEMU exited with code {code}" if code is not None else str(exc)
+            return LaunchError(f"guest {spec.name} did not come up: {reason}", argv, code, output)
+
+        async def kill() -> None:
+            nonlocal output
+            output = guest._output_tail()
+            await guest._kill()
+        async with rollback(kill, failed):
+            if accel == "auto" and spec.domain_type == "kvm" and chosen != "kvm":
+                guest._warn("domain type is kvm but KVM is not usable here: running under TCG")
+            await guest._post_launch(boot_timeout_s)
+        return guest
+
+    @classmethod
+    async def _spawn(cls, spec: DomainSpec, paths: runtime.RuntimePaths, argv: list[str],
+                     accel: str, detached: bool) -> Guest:
+        with open(paths.qemu_log, "wb") as log_file:
+            try:
+                # Its own session: a Ctrl-C aimed at the notebook or script must not reach QEMU;
+                # ownership is the reaper's job.
+                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                           stderr=subprocess.STDOUT, start_new_session=True,
+                                           close_fds=True)
+            except OSError as exc:
+                raise LaunchError(f"cannot run QEMU: {exc}", argv) from exc
+        reaper = None if detached else Reaper(process.pid, paths.dir)
+        record = runtime.GuestRecord(name=spec.name, pid=process.pid, argv=argv, domain_xml=spec.xml,
+                                     owner_pid=os.getpid(), detached=detached, created=time.time(),
+                                     accel=accel)
+        runtime.write_record(paths, record)
+        monitor = Monitor(str(paths.qmp_socket), name=spec.name)
+        return cls(name=spec.name, spec=spec, monitor=monitor, origin="launched", pid=process.pid,
+                   process=process, paths=paths, reaper=reaper, record=record)
+
+    async def _post_launch(self, boot_timeout_s: float) -> None:
+        assert self.spec is not None and self.paths is not None
+        await self._wait_for_socket(self.paths.qmp_socket, timeout_s=15.0)
+        await self.monitor.connect()
+        spec = self.spec
+        if spec.memballoon is not None:
+            if spec.period_s is not None:
+                await self._apply_period(spec.period_s)
+            if spec.current_memory_bytes < spec.memory_bytes:
+                # Before the vCPUs run: the driver picks the target up as it binds.
+                await self.balloon.set_target(spec.current_memory_bytes)
+        await self.monitor.execute("cont")
+        if spec.agent:
+            # Bytes sent to the agent's serial port before the guest configured it are lost
+            # or echoed back: wait for init's READY line on the console first.
+            await self._wait_for_console(READY_LINE, boot_timeout_s)
+            self._workload = Workload(str(self.paths.agent_socket))
+            await self._workload.connect(timeout_s=10.0)
+
+    @classmethod
+    async def attach(cls, qmp_socket: str | os.PathLike[str], domain: DomainSpec | str | os.PathLike[str] | None = None,
+                     *, name: str | None = None, set_period: bool = True) -> Guest:
+        """Attach to a QEMU someone else started, through its QMP unix socket.
+
+        The period from the XML's ``<stats period>`` is set only if the VM is running (as
+        libvirt does); a paused VM keeps whatever it has. The guest is never stopped by
+        balloonlab unless :meth:`shutdown` is called.
+
+        :raises MonitorError: the socket does not answer QMP.
+        """
+        spec = as_spec(domain) if domain is not None else None
+        label = name or (spec.name if spec else Path(qmp_socket).stem)
+        monitor = Monitor(str(qmp_socket), name=label)
+        await monitor.connect()
+        guest = cls(name=label, spec=spec, monitor=monitor, origin="attached")
+        if set_period and spec is not None and spec.period_s is not None:
+            await guest._apply_period_at_attach(spec.period_s)
+        return guest
+
+    @classmethod
+    async def reconnect(cls, name: str) -> Guest:
+        """Reconnect to a detached guest balloonlab launched (e.g. after a kernel restart).
+
+        Never sets the polling period: a period changed on the live guest stays as it is
+        (:attr:`period_at_connect` holds the live value).
+
+        :raises BalloonLabError: no live guest by that name (see :func:`list_guests`).
+        """
+        paths = runtime.RuntimePaths(runtime.runtime_root() / runtime.validate_name(name))
+        record = runtime.read_record(paths.dir)
+        if record is None or not runtime.qemu_alive(record):
+            names = ", ".join(r.name for r in runtime.list_guests()) or "none"
+            raise BalloonLabError(f"no running guest named {name!r} to reconnect to (running: {names})")
+        spec = parse_domain_xml(record.domain_xml)
+        monitor = Monitor(str(paths.qmp_socket), name=name)
+        await monitor.connect()
+        guest = cls(name=name, spec=spec, monitor=monitor, origin="reconnected", pid=record.pid,
+                    paths=paths, record=record)
+        if spec.memballoon is not None:
+            with contextlib.suppress(BalloonNotFound):
+                guest.period_at_connect = await guest.balloon.get_period()
+        if spec.agent:
+            guest._workload = Workload(str(paths.agent_socket))
+            await guest._workload.connect(timeout_s=10.0)
+        return guest
+
+    # -- state ----------------------------------------------------------------------------
+    async def metadata(self) -> dict[str, object]:
+        """What a run records about this guest: domain XML, command line, QEMU and kernel versions."""
+        version = (await self.monitor.execute("query-version"))["qemu"]
+        kernel = self.spec.kernel if self.spec else None
+        return {"name": self.name, "backend": self.backend, "origin": self.origin, "pid": self.pid,
+                "qemu_version": f"{version['major']}.{version['minor']}.{version['micro']}",
+                # The guest kernel's release, read from its bzImage header (direct kernel boot).
+                "guest_kernel": kernel_release(Path(kernel)) if kernel and Path(kernel).is_file() else None,
+                "host_kernel": platform.release(),
+                "argv": self.record.argv if self.record else None,
+                "accel": self.record.accel if self.record else None,
+                "qmp_socket": self.monitor.socket_path,
+                "domain_xml": self.spec.xml if self.spec else None,
+                "warnings": list(self.warnings)}
+
+    @property
+    def detached(self) -> bool:
+        """True when the guest is meant to outlive this process."""
+        return self.record is not None and self.record.detached
+
+    @property
+    def alive(self) -> bool:
+        """True while the QEMU process runs (for attached guests: while QMP is connected)."""
+        if self._process is not None:
+            return self._process.poll() is None
+        if self.pid is not None and self.paths is not None:
+            return runtime.pid_is_guest(self.pid, str(self.paths.dir))
+        return self.monitor.connected
+
+    def rss_bytes(self) -> int | None:
+        """Host RSS of the QEMU process (libvirt's ``rss``), when its pid is known."""
+        return process_rss_bytes(self.pid) if self.pid is not None else None
+
+    # -- ownership and shutdown -----------------------------------------------------------
+    async def detach(self) -> None:
+        """Let the guest outlive this process; a new process can :meth:`reconnect` to it."""
+        if self.record is None or self.paths is None:
+            raise BalloonLabError(f"guest {self.name} was not launched by balloonlab: nothing to detach")
+        if self._reaper is not None:
+            self._reaper.release()
+            self._reaper = None
+        self.record.detached = True
+        runtime.write_record(self.paths, self.record)
+
+    async def shutdown(self, timeout_s: float = 10.0) -> bool:
+        """Stop the guest: QMP ``quit``, wait, then SIGKILL. Cleans its runtime dir.
+
+        :returns: True when QEMU quit by itself, False when it had to be killed.
+        """
+        if self._closed:
+            return True
+        with contextlib.suppress(MonitorError, CommandError):
+            await self.monitor.execute("quit", timeout_s=5.0)
+        graceful = await self._wait_gone(timeout_s)
+        if not graceful:
+            log.warning("%s did not quit within %s s: killing it", self.name, timeout_s)
+        await self._kill()
+        return graceful
+
+    async def close(self) -> None:
+        """Release this handle: an owned guest is shut down; detached/attached ones keep running."""
+        if self._closed:
+            return
+        if self.origin == "launched" and not self.detached:
+            await self.shutdown()
+        else:
+            await self._disconnect()
+            self._closed = True
+
+    # -- internals ------------------------------------------------------------------------
+    def _exited(self, during: str) -> str | None:
+        if self._process is not None and self._process.poll() is not None:
+            return f"QEMU exited {during} with code {self._process.returncode}"
+        return None
+
+    async def _wait_for_socket(self, path: Path, timeout_s: float) -> None:
+        try:
+            appeared = await wait_until(path.exists, timeout_s, poll_s=0.02,
+                                        failed=lambda: self._exited("during start-up"))
+        except WaitAborted as exc:
+            raise LaunchError(str(exc)) from None
+        if not appeared:
+            raise LaunchError(f"QEMU did not create its QMP socket within {timeout_s} s")
+
+    async def _wait_for_console(self, marker: bytes, timeout_s: float) -> None:
+        assert self.paths is not None
+        console = self.paths.console_log
+
+        def printed() -> bool:
+            with contextlib.suppress(OSError):
+                return marker in console.read_bytes()
+            return False
+        try:
+            ready = await wait_until(printed, timeout_s, failed=lambda: self._exited("while the guest booted"))
+        except WaitAborted as exc:
+            raise LaunchError(str(exc)) from None
+        if not ready:
+            raise LaunchError(f"the guest did not print {marker.decode()} within {timeout_s} s")
+
+    async def _wait_gone(self, timeout_s: float) -> bool:
+        if self._process or self.pid:
+            return await wait_until(lambda: not self.alive, timeout_s)
+        return await wait_until(lambda: not self.monitor.connected, timeout_s)
+
+    async def _disconnect(self) -> None:
+        if self._workload is not None:
+            await self._workload.close()
+        await self.monitor.close()
+
+    async def _kill(self) -> None:
+        """Make sure QEMU is gone and nothing of it is left: process, reaper, runtime dir."""
+        await self._disconnect()
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            await asyncio.to_thread(self._process.wait)
+        elif self.pid is not None and self.paths is not None and runtime.pid_is_guest(self.pid, str(self.paths.dir)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            directory = str(self.paths.dir)
+            if not await wait_until(lambda: not runtime.pid_is_guest(self.pid or 0, directory), 10.0, poll_s=0.02):
+                log.error("%s (pid %s) survived SIGKILL for 10 s", self.name, self.pid)
+        if self._reaper is not None:
+            self._reaper.release()
+            self._reaper = None
+        if self.paths is not None:
+            runtime.remove_runtime_dir(self.paths.dir)
+        self._closed = True
+
+    def _exitcode(self) -> int | None:
+        return self._process.poll() if self._process is not None else None
+
+    def _output_tail(self, limit: int = 3000) -> str:
+        if self.paths is None:
+            return ""
+        parts = []
+        for label, path in (("qemu", self.paths.qemu_log), ("console", self.paths.console_log)):
+            with contextlib.suppress(OSError):
+                text = path.read_bytes()[-limit:].decode(errors="replace").strip()
+                if text:
+                    parts.append(f"[{label}] {text}")
+        return "\n".join(parts)
+
+    def __repr__(self) -> str:
+        return f"<Guest {self.name} {self.origin} pid={self.pid}{' detached' if self.detached else ''}>"
+
+
+def _check_inputs(spec: DomainSpec, binary: str) -> None:
+    """Refuse a launch whose inputs are missing before any process exists."""
+    if shutil.which(binary) is None:
+        raise LaunchError(f"QEMU binary {binary!r} not found: install it (Debian/Ubuntu: "
+                          "apt-get install qemu-system-x86) or set <emulator> in the domain XML")
+    for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd),
+                       *(("disk", d.source) for d in spec.disks)):
+        if path and not Path(path).is_file() and not Path(path).is_block_device():
+            raise LaunchError(f"{what} {path} of guest {spec.name} does not exist"
+                              + (": run `balloonlab guest build`" if what in ("kernel", "initrd") else ""))
+
+
+def list_guests() -> list[runtime.GuestRecord]:
+    """Guests balloonlab launched that are running on this host (stale entries swept)."""
+    return runtime.list_guests()

@@ -1,0 +1,275 @@
+"""The sampler: balloon statistics, balloon size and events of many guests, into frames.
+
+One asyncio task per guest reads ``guest-stats`` when a new sample is due and keeps only new
+ones (last-update moved). ``actual`` is tracked from BALLOON_CHANGE events rather than polled,
+so the steady state costs one QMP command per sample; reads are timed to the guest's period
+(read just after the guest reports, back off when it has not) instead of a blind loop that
+reads the same sample twice. A slow or dead guest only stalls its own task: a guest that dies
+or disconnects is marked (event + state) and its rows stay. Rows go into columnar buffers
+(:mod:`balloonlab.record.buffer`) and, with a run folder, stream to Parquet every flush interval, so
+memory stays bounded on day-long runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from balloonlab.model.balloon import BalloonChange
+from balloonlab.model.classify import StatsClassifier
+from balloonlab.model.errors import BalloonLabError, BalloonNotFound
+from balloonlab.model.guest import async_guest
+from balloonlab.model.protocols import GuestProtocol, WorkloadChange
+from balloonlab.model.stats import BalloonStats
+from balloonlab.record.buffer import event_buffer, sample_buffer
+from balloonlab.record.report_clock import ReportClock
+from balloonlab.record.store import RunWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingState:
+    """How sampling one guest is going (``state``: starting, sampling, dead, removed)."""
+
+    name: str
+    state: str = "starting"  # starting, sampling, dead, removed
+    samples: int = 0
+    polls: int = 0
+    error: str | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+    unsubscribe: Callable[[], object] | None = field(default=None, repr=False)
+
+
+class Sampler:
+    """Record one or many guests into frames (async core; :class:`SyncSampler` blocks).
+
+    :param run_dir: stream samples/events to this run folder (see :mod:`balloonlab.record.store`).
+    :param flush_interval_s: how much a crash can lose at most.
+    :param max_rows_in_memory: flushed rows beyond this are dropped from memory (they stay
+        on disk: :func:`balloonlab.record.store.load_run`); without a run folder nothing is dropped.
+    :param track_actual: ``"events"`` (default: one QMP command per sample) or ``"poll"``
+        (also send query-balloon with each read).
+    """
+
+    def __init__(self, *, run_dir: str | Path | None = None, flush_interval_s: float = 5.0,
+                 max_rows_in_memory: int = 1_000_000, track_actual: str = "events",
+                 metadata: dict[str, Any] | None = None) -> None:
+        if track_actual not in ("events", "poll"):
+            raise ValueError(f"track_actual must be 'events' or 'poll', got {track_actual!r}")
+        self._samples = sample_buffer()
+        self._events = event_buffer()
+        self._guests: dict[str, tuple[GuestProtocol, SamplingState]] = {}
+        self._writer = RunWriter(run_dir) if run_dir is not None else None
+        self._flushed = (0, 0)
+        self._flush_task: asyncio.Task[None] | None = None
+        self.flush_interval_s = flush_interval_s
+        self.max_rows_in_memory = max_rows_in_memory
+        self.track_actual = track_actual
+        self.started: float | None = None
+        self._metadata = dict(metadata or {})
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder, when streaming to disk."""
+        return self._writer.path if self._writer else None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the flush task (guests can be added before or after)."""
+        if self.started is not None:
+            return
+        self.started = time.time()
+        if self._writer is not None:
+            self._writer.write_metadata(status="running", start=_iso(self.started), guests={},
+                                        **self._metadata)
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop(), name="balloonlab-flush")
+        for guest, state in self._guests.values():
+            if state.task is None:
+                self._start_task(guest, state)
+
+    async def add(self, guest: GuestProtocol | Any) -> None:
+        """Start sampling ``guest`` (while running or before :meth:`start`).
+
+        :param guest: a ``Guest`` or ``LibvirtGuest`` made on this loop (a blocking twin's
+            ``.aio`` is taken when this sampler runs on balloonlab's own loop).
+        :raises ValueError: a guest with this name is already being sampled.
+        :raises TypeError: not a guest, or one bound to another event loop (the message says
+            what to pass instead).
+        """
+        guest = async_guest(guest, type(self).__name__)
+        if guest.name in self._guests and self._guests[guest.name][1].state in ("starting", "sampling"):
+            raise ValueError(f"guest {guest.name!r} is already being sampled")
+        state = SamplingState(guest.name)
+        self._guests[guest.name] = (guest, state)
+        # Each listener also checks that its guest is still sampled under this state, so an
+        # event already queued when remove() ran is never recorded after the guest left.
+        name = guest.name
+
+        def on_change(change: BalloonChange) -> None:
+            if self._listening(state):
+                self.record_event(name, "balloon_change", change.actual, at=change.time)
+
+        def on_setting(kind: str, value: int) -> None:
+            if self._listening(state):
+                self.record_event(name, kind, value)
+
+        def on_workload(change: WorkloadChange) -> None:
+            if self._listening(state):
+                self.record_event(name, "workload", change.held, change.detail, change.duration_s, change.time)
+
+        guest.balloon.add_listener(on_change)
+        guest.balloon.add_setting_listener(on_setting)
+        workload = guest.workload if guest.has_agent else None
+        if workload is not None:
+            workload.add_listener(on_workload)
+
+        def unsubscribe() -> None:
+            guest.balloon.remove_listener(on_change)
+            guest.balloon.remove_setting_listener(on_setting)
+            if workload is not None:
+                workload.remove_listener(on_workload)
+        state.unsubscribe = unsubscribe
+        if self._writer is not None:
+            with contextlib.suppress(BalloonLabError):
+                meta = await guest.metadata()
+                self._writer.write_metadata(guests={**self._writer.metadata.get("guests", {}), guest.name: meta})
+        if self.started is not None:
+            self._start_task(guest, state)
+
+    async def remove(self, name: str) -> None:
+        """Stop sampling one guest (its rows stay)."""
+        guest, state = self._guests[name]
+        if state.task is not None:
+            state.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state.task
+        if state.state != "dead":
+            state.state = "removed"
+        if state.unsubscribe is not None:
+            state.unsubscribe()
+            state.unsubscribe = None
+
+    async def stop(self) -> None:
+        """Stop every guest's task, flush, and close the run (run.json gets its end time)."""
+        for name in list(self._guests):
+            await self.remove(name)
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flush_task
+            self._flush_task = None
+        if self._writer is not None:
+            self.flush()
+            self._writer.write_metadata(status="finished", end=_iso(time.time()),
+                                        samples=self._samples.total_rows, events=self._events.total_rows)
+
+    async def __aenter__(self) -> Sampler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- what was recorded ----------------------------------------------------------------
+    def frame(self) -> pd.DataFrame:
+        """Samples in memory as a DataFrame (see docs/design.md "Frames")."""
+        return self._samples.frame(self._samples.dropped)
+
+    def events(self) -> pd.DataFrame:
+        """Events in memory as a DataFrame."""
+        return self._events.frame(self._events.dropped)
+
+    def states(self) -> dict[str, SamplingState]:
+        """Per guest: sampling / dead / removed, counts, last error."""
+        return {name: state for name, (_, state) in self._guests.items()}
+
+    def record_event(self, guest: str, kind: str, value: int | None = None, detail: str = "",
+                     duration_s: float | None = None, at: float | None = None) -> None:
+        """Record an event (``at``: epoch seconds, default now)."""
+        self._events.append(int((time.time() if at is None else at) * 1e9),
+                            {"guest": guest, "kind": kind, "value": value, "duration_s": duration_s,
+                             "detail": detail})
+
+    def flush(self) -> None:
+        """Write rows recorded since the last flush to the run folder; drop old ones from memory."""
+        if self._writer is None:
+            return
+        s0, e0 = self._flushed
+        s1, e1 = self._samples.total_rows, self._events.total_rows
+        if s1 > s0 or e1 > e0:
+            self._writer.flush(self._samples.frame(s0, s1), self._events.frame(e0, e1))
+        self._flushed = (s1, e1)
+        for buffer in (self._samples, self._events):
+            excess = len(buffer) - self.max_rows_in_memory
+            if excess > 0:
+                buffer.drop_head(excess)
+
+    # -- per-guest work -------------------------------------------------------------------
+    def _start_task(self, guest: GuestProtocol, state: SamplingState) -> None:
+        state.task = asyncio.get_running_loop().create_task(self._sample(guest, state),
+                                                            name=f"balloonlab-sample-{guest.name}")
+
+    def _listening(self, state: SamplingState) -> bool:
+        current = self._guests.get(state.name)
+        return current is not None and current[1] is state and state.state != "removed"
+
+    async def _sample(self, guest: GuestProtocol, state: SamplingState) -> None:
+        balloon = guest.balloon
+        try:
+            period = balloon.period_s if balloon.period_s is not None else await balloon.get_period()
+            if balloon.actual is None:
+                await balloon.query_actual()
+            state.state = "sampling"
+            clock = ReportClock()
+            classifier = StatsClassifier()  # this sampler's own view: other readers take nothing
+            while True:
+                record = await balloon.read_stats(query_actual=self.track_actual == "poll",
+                                                  classifier=classifier)
+                state.polls += 1
+                period = balloon.period_s if balloon.period_s is not None else period
+                if record.new:
+                    self._append(guest, record, period)
+                    state.samples += 1
+                await asyncio.sleep(clock.next_delay(time.monotonic(), period, record.new))
+        except asyncio.CancelledError:
+            raise
+        except BalloonNotFound as exc:
+            self._mark_dead(guest, state, "error", f"no balloon: {exc}")
+        except (BalloonLabError, OSError) as exc:
+            kind = "error" if guest.alive else "shutdown"
+            self._mark_dead(guest, state, kind, str(exc))
+
+    def _append(self, guest: GuestProtocol, record: BalloonStats, period: int) -> None:
+        if record.reset:
+            self.record_event(guest.name, "reset", None, "guest reset detected", at=record.read_time)
+        row: dict[str, object] = dict(record.stats)
+        row.update(guest=guest.name, last_update=record.last_update, actual=record.actual if record.actual is not None
+                   else guest.balloon.actual, target=guest.balloon.target, period_s=period,
+                   rss=guest.rss_bytes(), age_s=record.age_s, reset=record.reset)
+        self._samples.append(int(record.read_time * 1e9), row)
+
+    def _mark_dead(self, guest: GuestProtocol, state: SamplingState, kind: str, why: str) -> None:
+        state.state, state.error = "dead", why
+        self.record_event(guest.name, kind, None, why)
+        log.warning("stopped sampling %s: %s", guest.name, why)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            try:
+                self.flush()
+            except OSError as exc:  # a full disk must not kill sampling; rows stay in memory
+                log.error("could not flush the run to %s: %s", self.run_dir, exc)
+
+
+def _iso(epoch: float) -> str:
+    return pd.Timestamp(epoch, unit="s", tz="UTC").isoformat()
