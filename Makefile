@@ -10,13 +10,17 @@ BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon-system libvirt-clients libvirt-dev pkg-config chromium
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test guest system-packages clean
+.PHONY: demo test lint guest system-packages clean
 
 demo: guest
 	$(BIN)/balloonlab demo
 
-test: guest
+test: guest lint
 	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check balloonlab
+	$(BIN)/mypy
 
 guest: $(INSTALLED)
 	@$(BIN)/balloonlab guest build

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from balloonlab.experiments.runner import Experiment, Schedule
+from balloonlab.experiments import Experiment, Schedule
 from balloonlab.model.errors import BalloonLabError
 from balloonlab.model.units import format_size
 from balloonlab.record.store import Run
@@ -98,7 +98,8 @@ def print_summary(run: Run) -> None:
         for _, r in steps.iterrows():
             took = r["time_to_target_s"]
             rate = r["rate_mib_per_s"]
-            print(f"{(r['time'] - t0).total_seconds():6.1f} {(r['direction'] if isinstance(r['direction'], str) else '-'):9} {format_size(r['start_actual']):>9} "
+            direction = r["direction"] if isinstance(r["direction"], str) else "-"
+            print(f"{(r['time'] - t0).total_seconds():6.1f} {direction:9} {format_size(r['start_actual']):>9} "
                   f"{format_size(r['target']):>9} {('yes' if r['reached'] else 'no'):>7} "
                   f"{'-' if pd.isna(took) else f'{took:.2f}':>7} {'-' if pd.isna(rate) else f'{rate:.0f}':>7}")
 

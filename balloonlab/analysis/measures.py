@@ -12,6 +12,7 @@ a QEMU did not report (or newer ones it added) are tolerated: a missing one read
 from __future__ import annotations
 
 import re
+from typing import SupportsIndex, SupportsInt
 
 import numpy as np
 import pandas as pd
@@ -42,7 +43,16 @@ def seconds(values: pd.Series | pd.Index) -> np.ndarray:
     :param values: datetime64[*, UTC] values (a Series or an Index).
     """
     delta = (pd.Series(values) - EPOCH) / pd.Timedelta(seconds=1)
-    return delta.to_numpy(dtype=float, na_value=np.nan)
+    out: np.ndarray = delta.to_numpy(dtype=float, na_value=np.nan)
+    return out
+
+
+def _int(value: object) -> int:
+    """``int(value)`` of a frame cell (a Python or numpy integer); TypeError for NA or a non-number."""
+    if isinstance(value, (str, bytes, bytearray, SupportsInt, SupportsIndex)):
+        return int(value)
+    raise TypeError(f"int() argument must be a string, a bytes-like object or a real number, "
+                    f"not {type(value).__name__!r}")
 
 
 _REQUIRED = {"samples": {"guest": "category", "actual": "Int64"},
@@ -151,7 +161,7 @@ def _one_step(guest: str, t0: pd.Timestamp, target: int, start: object,
     """One row of :func:`step_response` from the actual values seen after ``t0``."""
     reach = next(((t, v) for t, v in points if abs(int(v) - target) <= tolerance), None)
     last_move = t0
-    for (_, prev), (t, v) in zip(points, points[1:]):
+    for (_, prev), (t, v) in zip(points, points[1:], strict=False):
         if v != prev:
             last_move = t
     final = points[-1][1] if points else pd.NA
@@ -159,13 +169,13 @@ def _one_step(guest: str, t0: pd.Timestamp, target: int, start: object,
         (final, (last_move - t0).total_seconds())
     rate = pd.NA
     if start is not pd.NA and moved_to is not pd.NA and taken > 0:
-        rate = abs(int(moved_to) - int(start)) / MiB / taken
+        rate = abs(int(moved_to) - _int(start)) / MiB / taken
     return {
         "time": t0, "guest": guest, "start_actual": start, "target": target,
         "final_actual": final, "reached": reach is not None,
         "time_to_target_s": (reach[0] - t0).total_seconds() if reach else pd.NA,
         "stalled": reach is None and (t_end - last_move).total_seconds() >= settle_s,
-        "direction": pd.NA if start is pd.NA else ("inflate" if target < int(start) else "deflate"),
+        "direction": pd.NA if start is pd.NA else ("inflate" if target < _int(start) else "deflate"),
         "rate_mib_per_s": rate,
     }
 

@@ -11,7 +11,9 @@ for an interactive canvas such as ipympl pass ``fig=plt.figure()``).
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import matplotlib.dates as mdates
 import numpy as np
@@ -22,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
-from balloonlab.analysis.measures import column, conform, guest_names
+from balloonlab.analysis.measures import _int, column, conform, guest_names
 from balloonlab.model.units import format_size
 
 MiB = 1 << 20
@@ -42,6 +44,58 @@ EVENT_COLORS: dict[str, str] = {"target": "tab:red", "workload": "tab:purple", "
 #: unlabelled ticks at the bottom; the rare kinds below keep full lines (and labels, if few).
 MAX_LABELS = 30
 RARE = ("reset", "launch", "shutdown", "error")
+
+
+class _EventStyle(TypedDict):
+    """Line keywords of an event marker (see :func:`_event_style`)."""
+
+    color: str
+    lw: float
+    alpha: float
+    ls: str
+
+
+@dataclass(frozen=True)
+class _PlotArtists:
+    """What :func:`plot_memory` keeps on its figure for :func:`update_memory_plot`.
+
+    :param lines: guest -> {line name -> Line2D} (names of :data:`LINES` plus ``"balloon_change"``).
+    :param axes: guest -> its Axes.
+    :param events: guest -> the event markers drawn last (removed before the next draw).
+    :param window: the ``window`` the figure was made with.
+    """
+
+    lines: dict[str, dict[str, Line2D]]
+    axes: dict[str, Axes]
+    events: dict[str, list[Artist]]
+    window: pd.Timedelta | float | None
+
+
+# The figure attributes that hold a _PlotArtists (documented in plot_memory; tests and the
+# live plot read them).
+_LINES_ATTR = "_balloonlab_lines"
+_AXES_ATTR = "_balloonlab_axes"
+_EVENTS_ATTR = "_balloonlab_events"
+_WINDOW_ATTR = "_balloonlab_window"
+
+
+def _attach(fig: Figure, artists: _PlotArtists) -> None:
+    """Keep ``artists`` on ``fig`` as its ``_balloonlab_*`` attributes (the same dicts, not copies)."""
+    setattr(fig, _LINES_ATTR, artists.lines)
+    setattr(fig, _AXES_ATTR, artists.axes)
+    setattr(fig, _EVENTS_ATTR, artists.events)
+    setattr(fig, _WINDOW_ATTR, artists.window)
+
+
+def _attached(fig: Figure) -> _PlotArtists:
+    """The artists :func:`_attach` put on ``fig``.
+
+    :raises ValueError: when ``fig`` was not made by :func:`plot_memory`.
+    """
+    if not hasattr(fig, _LINES_ATTR):
+        raise ValueError("update_memory_plot needs a figure made by plot_memory")
+    return _PlotArtists(lines=getattr(fig, _LINES_ATTR), axes=getattr(fig, _AXES_ATTR),
+                        events=getattr(fig, _EVENTS_ATTR), window=getattr(fig, _WINDOW_ATTR))
 
 
 def _cut(frame: pd.DataFrame | None, since: pd.Timestamp | None) -> pd.DataFrame | None:
@@ -64,12 +118,14 @@ def _since(samples: pd.DataFrame, events: pd.DataFrame | None,
 def _x(index: pd.Index) -> np.ndarray:
     """UTC times as matplotlib date numbers (floats), so ``set_data`` needs no unit logic."""
     naive = pd.DatetimeIndex(index).tz_convert("UTC").tz_localize(None)
-    return np.asarray(mdates.date2num(naive.to_numpy()), dtype=float)
+    days = mdates.date2num(naive.to_numpy())  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
+    return np.asarray(days, dtype=float)
 
 
 def _mib(values: pd.Series) -> np.ndarray:
     """Bytes (nullable ints) as float MiB with NaN for NA."""
-    return values.astype("Float64").to_numpy(dtype=float, na_value=np.nan) / MiB
+    mib: np.ndarray = values.astype("Float64").to_numpy(dtype=float, na_value=np.nan) / MiB
+    return mib
 
 
 def _rows(frame: pd.DataFrame | None, guest: str) -> pd.DataFrame | None:
@@ -83,15 +139,15 @@ def _event_label(kind: str, value: object, detail: object) -> str:
     """Short text for an event marker (``"target 256 MiB"``, ``"alloc 128 MiB"``, ...)."""
     text = "" if detail is None or detail is pd.NA else str(detail)
     if kind == "target" and value is not pd.NA:
-        return f"target {format_size(int(value))}"
+        return f"target {format_size(_int(value))}"
     if kind == "workload":
-        return text or (f"held {format_size(int(value))}" if value is not pd.NA else "workload")
+        return text or (f"held {format_size(_int(value))}" if value is not pd.NA else "workload")
     if kind == "error":
         return f"error {text[:24]}".strip()
     return kind
 
 
-def _event_style(kind: str) -> dict[str, object]:
+def _event_style(kind: str) -> _EventStyle:
     """Line style of an event marker (also used for the legend)."""
     return {"color": EVENT_COLORS[kind], "lw": 1.6 if kind == "error" else 0.9, "alpha": 0.7,
             "ls": ":" if kind in ("target", "workload") else "-"}
@@ -106,8 +162,9 @@ def _stepped(sampled: pd.Series, moves: pd.Series, index: pd.Index) -> pd.Series
     return pd.concat([head, moves, tail[tail.index > moves.index[-1]]])
 
 
-def _fill(ax: Axes, lines: dict[str, Line2D], s: pd.DataFrame, ev: pd.DataFrame | None) -> list[Artist]:
-    """Put one guest's data into its lines and draw its event markers (returned)."""
+def _fill(fig: Figure, ax: Axes, lines: dict[str, Line2D], s: pd.DataFrame,
+          ev: pd.DataFrame | None) -> list[Artist]:
+    """Put one guest's data into its lines and draw its event markers (returned); ``ax`` is in ``fig``."""
     x = _x(s.index)
     for name, line in lines.items():
         if name in LINES:
@@ -127,7 +184,7 @@ def _fill(ax: Axes, lines: dict[str, Line2D], s: pd.DataFrame, ev: pd.DataFrame 
     marked = ev[kinds.isin(list(EVENT_COLORS)).to_numpy()]
     crowded = len(marked) > MAX_LABELS  # then frequent kinds become short ticks at the bottom
     rare = int(marked["kind"].astype(str).isin(RARE).sum())
-    trans = offset_copy(blended_transform_factory(ax.transData, ax.transAxes), ax.figure,
+    trans = offset_copy(blended_transform_factory(ax.transData, ax.transAxes), fig,
                         x=1.5, units="points")  # labels just right of their line
     for t, kind, value, detail in zip(_x(marked.index), marked["kind"].astype(str),
                                       marked["value"], column(marked, "detail", "string"),
@@ -174,26 +231,27 @@ def plot_memory(samples: pd.DataFrame, events: pd.DataFrame | None = None, *,
     else:
         fig.clear()
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
-    fig._balloonlab_lines, fig._balloonlab_axes, fig._balloonlab_events = {}, {}, {}
-    fig._balloonlab_window = window
+    kept = _PlotArtists(lines={}, axes={}, events={}, window=window)
+    _attach(fig, kept)
     for ax, guest in zip(axes, guests, strict=False):
         ax.xaxis_date(_dt.UTC)
         lines = {name: ax.plot([], [], label=name, **style)[0] for name, style in LINES.items()}
         lines["balloon_change"] = ax.plot([], [], ls="none", marker="|", ms=6, mew=1,
                                           color=LINES["actual"]["color"], label="_balloon_change")[0]
-        fig._balloonlab_lines[guest], fig._balloonlab_axes[guest] = lines, ax
+        kept.lines[guest], kept.axes[guest] = lines, ax
         ax.set_title(guest, loc="left", fontsize=10, fontweight="bold")
         ax.set_ylabel("MiB")
         ax.grid(True, lw=0.4, alpha=0.5)
     if not guests:
         axes[0].text(0.5, 0.5, "no samples", ha="center", va="center", transform=axes[0].transAxes)
-    locator = mdates.AutoDateLocator(tz=_dt.UTC)
+    locator = mdates.AutoDateLocator(tz=_dt.UTC)  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
     axes[-1].xaxis.set_major_locator(locator)
-    axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=_dt.UTC))
+    formatter = mdates.ConciseDateFormatter(locator, tz=_dt.UTC)  # type: ignore[no-untyped-call]  # as above
+    axes[-1].xaxis.set_major_formatter(formatter)
     axes[-1].set_xlabel("time (UTC)")
     if guests:
         marks = [Line2D([], [], label=f"{k} event", **_event_style(k)) for k in EVENT_COLORS]
-        handles = list(fig._balloonlab_lines[guests[0]].values())[:len(LINES)] + marks
+        handles = list(kept.lines[guests[0]].values())[:len(LINES)] + marks
         axes[0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0),
                        fontsize=8, frameon=False)
     update_memory_plot(fig, samples, events, draw=False)
@@ -214,20 +272,19 @@ def update_memory_plot(fig: Figure, samples: pd.DataFrame, events: pd.DataFrame 
     :param draw: call ``fig.canvas.draw_idle()`` at the end.
     :raises ValueError: when ``fig`` was not made by :func:`plot_memory`.
     """
-    if not hasattr(fig, "_balloonlab_lines"):
-        raise ValueError("update_memory_plot needs a figure made by plot_memory")
+    kept = _attached(fig)
     samples = conform(samples, "samples")
     events = None if events is None else conform(events, "events")
-    since = _since(samples, events, fig._balloonlab_window)
+    since = _since(samples, events, kept.window)
     shown, shown_events = _cut(samples, since), _cut(events, since)
-    for guest, lines in fig._balloonlab_lines.items():
-        ax = fig._balloonlab_axes[guest]
-        for artist in fig._balloonlab_events.get(guest, []):
+    for guest, lines in kept.lines.items():
+        ax = kept.axes[guest]
+        for artist in kept.events.get(guest, []):
             artist.remove()
         ev = _rows(shown_events, guest)
         if ev is None:
             lines["balloon_change"].set_data([], [])
-        fig._balloonlab_events[guest] = _fill(ax, lines, _rows(shown, guest), ev)
+        kept.events[guest] = _fill(fig, ax, lines, _rows(shown, guest), ev)
         ax.relim()
         ax.autoscale_view()
         low, high = ax.get_ylim()  # headroom for the event labels; autoscaling stays on

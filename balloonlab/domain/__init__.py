@@ -12,16 +12,8 @@ guest. ``balloonlab.qemu.argv`` turns a spec into a QEMU command line; nothing h
 
 from balloonlab.domain.parse import as_spec, load_domain_xml, parse_domain_xml
 from balloonlab.domain.render import builtin_domain, render_domain_xml, with_changes, with_serial_socket_paths
-from balloonlab.domain.spec import (
-                   BALLOON_MODELS,
-                   BALLOONLAB_NS,
-                   VIRTIO_DRIVER_OPTIONS,
-                   AddressSpec,
-                   DiskSpec,
-                   DomainSpec,
-                   MemballoonSpec,
-                   SerialSpec,
-)
+from balloonlab.domain.spec import (BALLOON_MODELS, BALLOONLAB_NS, VIRTIO_DRIVER_OPTIONS, AddressSpec, DiskSpec,
+                                    DomainSpec, MemballoonSpec, SerialSpec)
 
 __all__ = ["BALLOON_MODELS", "BALLOONLAB_NS", "VIRTIO_DRIVER_OPTIONS", "AddressSpec", "DiskSpec",
            "DomainSpec", "MemballoonSpec", "SerialSpec", "as_spec", "builtin_domain", "load_domain_xml",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import NoReturn
+from typing import NoReturn, TypedDict
 
-from lxml import etree
+from lxml import etree  # type: ignore[import-untyped]  # lxml ships no type hints; lxml-stubs is not installed
 
 from balloonlab.domain.spec import (
     _C_UINT,
@@ -29,7 +29,8 @@ from balloonlab.model.units import unit_factor
 
 
 def _tag(node: etree._Element) -> str:
-    return etree.QName(node).localname
+    localname: str = etree.QName(node).localname
+    return localname
 
 
 def _fail(message: str, node: etree._Element | None = None, element: str | None = None) -> NoReturn:
@@ -40,7 +41,8 @@ def _fail(message: str, node: etree._Element | None = None, element: str | None 
 def _text(node: etree._Element | None) -> str | None:
     if node is None or node.text is None or not node.text.strip():
         return None
-    return node.text.strip()
+    text: str = node.text.strip()
+    return text
 
 
 def _round_up_kib(nbytes: int) -> int:
@@ -165,7 +167,34 @@ def _vcpus(root: etree._Element) -> int:
     return int(node.text)
 
 
-def _memory_fields(root: etree._Element) -> dict[str, int | None]:
+class _MemoryFields(TypedDict):
+    """The memory fields of a :class:`DomainSpec`."""
+
+    memory_bytes: int
+    current_memory_bytes: int
+    max_memory_bytes: int | None
+
+
+class _OsFields(TypedDict):
+    """The ``<os>`` fields of a :class:`DomainSpec`."""
+
+    arch: str | None
+    machine: str | None
+    kernel: str | None
+    initrd: str | None
+    cmdline: str | None
+
+
+class _DeviceFields(TypedDict):
+    """The ``<devices>`` fields of a :class:`DomainSpec`."""
+
+    emulator: str | None
+    disks: tuple[DiskSpec, ...]
+    serials: tuple[SerialSpec, ...]
+    memballoon: MemballoonSpec | None
+
+
+def _memory_fields(root: etree._Element) -> _MemoryFields:
     node = root.find("memory")
     if node is None:
         _fail("missing <memory>; expected e.g. <memory unit='MiB'>512</memory> in <domain>", root)
@@ -177,19 +206,17 @@ def _memory_fields(root: etree._Element) -> dict[str, int | None]:
             "max_memory_bytes": _memory(max_node) if max_node is not None else None}
 
 
-def _os_fields(os_node: etree._Element | None) -> dict[str, str | None]:
-    fields: dict[str, str | None] = dict.fromkeys(("arch", "machine", "kernel", "initrd", "cmdline"))
+def _os_fields(os_node: etree._Element | None) -> _OsFields:
     if os_node is None:
-        return fields
+        return {"arch": None, "machine": None, "kernel": None, "initrd": None, "cmdline": None}
     os_type, cmdline = os_node.find("type"), os_node.find("cmdline")
-    if os_type is not None:
-        fields.update(arch=os_type.get("arch"), machine=os_type.get("machine"))
-    fields.update(kernel=_text(os_node.find("kernel")), initrd=_text(os_node.find("initrd")),
-                  cmdline=cmdline.text if cmdline is not None and cmdline.text else None)
-    return fields
+    return {"arch": os_type.get("arch") if os_type is not None else None,
+            "machine": os_type.get("machine") if os_type is not None else None,
+            "kernel": _text(os_node.find("kernel")), "initrd": _text(os_node.find("initrd")),
+            "cmdline": cmdline.text if cmdline is not None and cmdline.text else None}
 
 
-def _device_fields(devices: etree._Element | None, domain_type: str) -> dict[str, object]:
+def _device_fields(devices: etree._Element | None, domain_type: str) -> _DeviceFields:
     dev = devices if devices is not None else etree.Element("devices")
     return {"emulator": _text(dev.find("emulator")),
             "disks": tuple(d for d in map(_disk, dev.findall("disk")) if d is not None),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
-from lxml import etree
+from lxml import etree  # type: ignore[import-untyped]  # lxml ships no type hints; lxml-stubs is not installed
 
 from balloonlab.domain.parse import _parse_root, _round_up_kib
 from balloonlab.domain.spec import (
@@ -23,7 +24,7 @@ from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S
 from balloonlab.model.units import parse_size
 
 
-def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
+def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str | None) -> etree._Element:
     node = etree.SubElement(parent, tag, {k: v for k, v in attrs.items() if v is not None})
     node.text = text
     return node
@@ -118,7 +119,8 @@ def render_domain_xml(spec: DomainSpec) -> str:
     for serial in spec.serials:
         _render_serial(devices, serial)
     _render_memballoon(devices, spec.memballoon)
-    return etree.tostring(root, pretty_print=True, encoding="unicode")
+    xml: str = etree.tostring(root, pretty_print=True, encoding="unicode")
+    return xml
 
 
 def with_serial_socket_paths(xml: str, path_for_port: Callable[[int], str]) -> str:
@@ -140,10 +142,11 @@ def with_serial_socket_paths(xml: str, path_for_port: Callable[[int], str]) -> s
         target = serial.find("target")
         port = int(target.get("port", index)) if target is not None else index
         source.set("path", path_for_port(port))
-    return etree.tostring(root, encoding="unicode")
+    edited: str = etree.tostring(root, encoding="unicode")
+    return edited
 
 
-def with_changes(spec: DomainSpec, **fields: object) -> DomainSpec:
+def with_changes(spec: DomainSpec, **fields: Any) -> DomainSpec:
     """:func:`dataclasses.replace` that also re-renders ``xml`` so it matches the new fields.
 
     :raises TypeError: when ``xml`` is passed (it is derived) or a field name is unknown.

@@ -66,7 +66,7 @@ class Experiment:
                 raise ValueError(f"the {kind} schedule lasts {schedule.duration_s} s, longer than "
                                  f"duration_s={self.duration_s}")
         for g in self.guests:
-            spec = g if isinstance(g, DomainSpec) else g.spec
+            spec = g if isinstance(g, DomainSpec) else getattr(g, "spec", None)
             name = spec.name if spec else getattr(g, "name", "?")
             if self.balloon is not None and spec is not None:
                 if spec.memballoon is None:
@@ -94,22 +94,22 @@ class Experiment:
                              "workload": self.workload.as_list() if self.workload else None},
                 **self.extra}
         sampler = Sampler(run_dir=run_dir, flush_interval_s=self.flush_interval_s, metadata=meta)
-        launched: list[Guest] = []
+        launched: list[GuestProtocol] = []
         try:
-            guests = []
+            guests: list[GuestProtocol] = []
             for g in self.guests:
                 if isinstance(g, DomainSpec):
                     t0 = time.monotonic()
-                    guest = await Guest.launch(g)
-                    launched.append(guest)
-                    sampler.record_event(guest.name, "launch", None,
+                    made = await Guest.launch(g)
+                    launched.append(made)
+                    sampler.record_event(made.name, "launch", None,
                                          f"launched in {time.monotonic() - t0:.2f} s", time.monotonic() - t0)
-                    guests.append(guest)
+                    guests.append(made)
                 else:
                     guests.append(async_guest(g, "Experiment"))
             await sampler.start()
-            for guest in guests:
-                await sampler.add(guest)
+            for each in guests:
+                await sampler.add(each)
             await self._play(guests, progress)
         finally:
             for guest in launched:
@@ -124,10 +124,10 @@ class Experiment:
             save_run_plot(run.samples, run.events, run.plot_path)
         return run
 
-    async def _play(self, guests: list[Guest], progress: Callable[[float, str], None] | None) -> None:
+    async def _play(self, guests: list[GuestProtocol], progress: Callable[[float, str], None] | None) -> None:
         start = time.monotonic()
 
-        async def follow(schedule: Schedule, apply: Callable[[Guest, int], Any]) -> None:
+        async def follow(schedule: Schedule, apply: Callable[[GuestProtocol, int], Any]) -> None:
             for at_s, value in schedule.points:
                 await asyncio.sleep(max(0.0, start + at_s - time.monotonic()))
                 await asyncio.gather(*(apply(g, value) for g in guests))

@@ -16,6 +16,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from balloonlab.model.deadline import Deadline, wait_until
 from balloonlab.model.errors import AgentError
 from balloonlab.model.protocols import WorkloadChange
 from balloonlab.model.units import format_size, parse_size
@@ -60,21 +61,24 @@ class Workload:
 
         :raises AgentError: no answer within ``timeout_s``.
         """
-        deadline = time.monotonic() + timeout_s
+        deadline = Deadline(timeout_s)
         last_error: Exception | None = None
-        while time.monotonic() < deadline:
+
+        async def answered() -> bool:
+            nonlocal last_error
             try:
                 if self._writer is None:
                     self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
-                await self._request("ping", timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
-                return
+                await self._request("ping", timeout_s=min(2.0, max(0.1, deadline.left_s)))
+                return True
             except (TimeoutError, OSError, AgentError) as exc:
                 last_error = exc
                 # A timed-out ping may still be answered later: start the stream afresh.
                 await self.close()
-                await asyncio.sleep(0.1)
-        raise AgentError(f"workload agent on {self.socket_path} did not answer within {timeout_s} s "
-                         f"(last error: {last_error})")
+                return False
+        if not await wait_until(answered, timeout_s, poll_s=0.1):
+            raise AgentError(f"workload agent on {self.socket_path} did not answer within {timeout_s} s "
+                             f"(last error: {last_error})")
 
     async def close(self) -> None:
         """Close the connection (held memory stays held in the guest)."""

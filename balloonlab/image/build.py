@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from balloonlab.image import kmod
 from balloonlab.image.cpio import CpioWriter, gzip_bytes
@@ -268,7 +269,17 @@ def build_guest_image(*, kernel: Path | None = None, modules_dir: Path | None = 
     return result(final)
 
 
-def guest_image(*, cache_dir: Path | None = None, log: Log | None = None, **build_args: object) -> GuestImage:
+class _BuildArgs(TypedDict, total=False):
+    """The arguments of :func:`build_guest_image` that :func:`guest_image` passes on."""
+
+    kernel: Path | None
+    modules_dir: Path | None
+    busybox: Path | None
+    rebuild: bool
+
+
+def guest_image(*, cache_dir: Path | None = None, log: Log | None = None,
+                **build_args: Unpack[_BuildArgs]) -> GuestImage:
     """An image from the cache when there is one, else :func:`build_guest_image`.
 
     :param cache_dir: the cache root.
@@ -283,4 +294,4 @@ def guest_image(*, cache_dir: Path | None = None, log: Log | None = None, **buil
             if log:
                 log(f"image: found {found.initrd.parent}")
             return found
-    return build_guest_image(cache_dir=cache_dir, log=log, **build_args)  # type: ignore[arg-type]
+    return build_guest_image(cache_dir=cache_dir, log=log, **build_args)

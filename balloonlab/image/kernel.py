@@ -164,7 +164,10 @@ def _deb_members(deb: Path, want: Callable[[str], bool]) -> dict[str, bytes]:
         for member in tar:
             path = member.name.removeprefix("./")
             if member.isfile() and want(path):
-                found[path] = tar.extractfile(member).read()  # type: ignore[union-attr]
+                handle = tar.extractfile(member)  # None only for members that are not regular files
+                if handle is None:
+                    raise GuestImageError(f"{deb}: cannot read {member.name} from its data.tar")
+                found[path] = handle.read()
     return found
 
 
@@ -233,9 +236,9 @@ def _debian_kernel(root: Path, log: Log) -> KernelInfo:
         cached = [i for d in sorted(kernels.glob("*/root")) if (i := _unpacked_kernel(d))]
         if not cached:
             raise
-        info = max(cached, key=lambda i: i.kernel.stat().st_mtime_ns)
-        log(f"kernel: Debian package {info.source.split(':', 1)[1]} (cached; apt-cache failed: {exc})")
-        return info
+        newest = max(cached, key=lambda i: i.kernel.stat().st_mtime_ns)
+        log(f"kernel: Debian package {newest.source.split(':', 1)[1]} (cached; apt-cache failed: {exc})")
+        return newest
     pkg_dir = kernels / pkg
     info = _unpacked_kernel(pkg_dir / "root")
     if info is not None:
@@ -251,8 +254,9 @@ def _debian_kernel(root: Path, log: Log) -> KernelInfo:
     if info is None:
         raise GuestImageError(f"unpacking {debs[0]} gave no usable kernel")
     log(f"kernel: Debian package {pkg} ({state})")
-    log(f"kernel: unpacked {info.kernel.name} and {len(list(info.modules_dir.rglob('*.ko')))} modules "
-        f"into {pkg_dir / 'root'}")
+    # An unpacked package always has its modules directory (see _unpacked_kernel).
+    modules = len(list(info.modules_dir.rglob("*.ko"))) if info.modules_dir is not None else 0
+    log(f"kernel: unpacked {info.kernel.name} and {modules} modules into {pkg_dir / 'root'}")
     return info
 
 
@@ -289,13 +293,13 @@ def acquire_kernel(*, kernel: Path | None = None, modules_dir: Path | None = Non
     """
     say: Log = log or (lambda line: None)
     if kernel is not None:
-        info = _explicit_kernel(Path(kernel), None if modules_dir is None else Path(modules_dir))
-        say(f"kernel: explicit {info.kernel} ({info.version}, modules from {info.modules_dir})")
-        return info
-    info = _host_kernel(say)
-    if info is not None:
-        say(f"kernel: host {info.kernel} with {info.modules_dir}")
-        return info
+        explicit = _explicit_kernel(Path(kernel), None if modules_dir is None else Path(modules_dir))
+        say(f"kernel: explicit {explicit.kernel} ({explicit.version}, modules from {explicit.modules_dir})")
+        return explicit
+    host = _host_kernel(say)
+    if host is not None:
+        say(f"kernel: host {host.kernel} with {host.modules_dir}")
+        return host
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return _debian_kernel(root, say)
 

@@ -42,6 +42,7 @@ class LibvirtGuest(GuestBase):
 
     #: How balloonlab reaches this guest.
     backend = "libvirt"
+    balloon: LibvirtBalloon
 
     def __init__(self, *, link: DomainLink, spec: DomainSpec, origin: Origin, uri: str,
                  persistent: bool, agent_dir: Path | None = None) -> None:

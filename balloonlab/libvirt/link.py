@@ -188,7 +188,7 @@ class DomainLink:
 
     # -- events ---------------------------------------------------------------------------
     def _mine(self, dom: libvirt.virDomain) -> bool:
-        return dom.UUIDString() == self.uuid if self.uuid else dom.name() == self.name
+        return bool(dom.UUIDString() == self.uuid if self.uuid else dom.name() == self.name)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop

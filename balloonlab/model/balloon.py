@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from balloonlab.model.classify import StatsClassifier
+from balloonlab.model.deadline import wait_until
 from balloonlab.model.errors import StatsUnavailable
 from balloonlab.model.period import QEMU_MAX_PERIOD_S, validate_period
 from balloonlab.model.stats import BalloonStats
@@ -163,19 +164,21 @@ class BalloonBase(abc.ABC):
         :raises StatsUnavailable: it never answered (no virtio_balloon driver in the guest,
             polling off, or the guest paused); the message says which applies.
         """
-        deadline = time.monotonic() + timeout_s
-        while True:
+        record: BalloonStats | None = None
+
+        async def reported() -> bool:
+            nonlocal record
             record = await self.read_report()
-            if record.reported:
-                return record
-            if time.monotonic() >= deadline:
-                period = await self.get_period()
-                status = await self.status()
-                why = ("polling is off (period 0)" if period == 0 else
-                       f"the guest is not running (status {status})" if status != "running" else
-                       "the guest never answered: is the virtio_balloon driver loaded?")
-                raise StatsUnavailable(f"no balloon statistics after {timeout_s} s: {why}", 0)
-            await asyncio.sleep(poll_s)
+            return record.reported
+        if await wait_until(reported, timeout_s, poll_s=poll_s):
+            assert record is not None
+            return record
+        period = await self.get_period()
+        status = await self.status()
+        why = ("polling is off (period 0)" if period == 0 else
+               f"the guest is not running (status {status})" if status != "running" else
+               "the guest never answered: is the virtio_balloon driver loaded?")
+        raise StatsUnavailable(f"no balloon statistics after {timeout_s} s: {why}", 0)
 
     # -- target ---------------------------------------------------------------------------
     async def set_target(self, size: int | str, *,

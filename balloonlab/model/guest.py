@@ -18,7 +18,7 @@ from typing import Any, Self
 
 from balloonlab.model.balloon import BalloonBase
 from balloonlab.model.errors import BalloonLabError, BalloonLabWarning, BalloonNotFound, CommandError, LaunchError
-from balloonlab.model.protocols import AgentProtocol, Origin
+from balloonlab.model.protocols import AgentProtocol, GuestProtocol, Origin
 from balloonlab.model.stats import BalloonStats, libvirt_view
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def async_guest(guest: object, user: str) -> GuestBase:
+def async_guest(guest: object, user: str) -> GuestProtocol:
     """The async guest behind ``guest`` (a blocking twin's ``.aio``), checked to live on the
     running loop, for ``user`` (``"Sampler"``, ``"Experiment"``) to drive.
 

@@ -87,9 +87,10 @@ class GuestProtocol(Protocol):
     name: str
     backend: str
     origin: Origin
-    balloon: BalloonProtocol
     warnings: list[str]
 
+    @property
+    def balloon(self) -> BalloonProtocol: ...
     @property
     def alive(self) -> bool: ...
     @property

@@ -56,7 +56,7 @@ def parse_size(value: int | str, default_unit: str = "b") -> int:
     if "." in number:
         whole, frac = number.split(".")
         numerator = int(whole + frac) * factor
-        denominator = 10 ** len(frac)
+        denominator: int = 10 ** len(frac)  # int ** int is Any to mypy (negative powers are floats)
         if numerator % denominator:
             raise ValueError(f"size {value!r} is not a whole number of bytes")
         return numerator // denominator

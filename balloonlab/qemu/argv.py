@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 from balloonlab.domain import DiskSpec, DomainSpec
 from balloonlab.qemu.devices import balloon_device_type
@@ -121,7 +122,9 @@ def _launch_balloon(spec: DomainSpec, machine: str) -> dict[str, object] | None:
     props = balloon_device(spec)
     if props is None or "bus" not in props:
         return props
-    address = spec.memballoon.address  # type: ignore[union-attr]  # bus implies a PCI address
+    address = spec.memballoon.address if spec.memballoon is not None else None
+    if address is None:  # balloon_device() writes a bus only for an explicit PCI address
+        return props
     root = _root_pci_bus(machine)
     # libvirt creates bridges and root ports for other buses; we create none, so only a slot
     # on the root bus can be honoured (QEMU picks a free slot otherwise).
@@ -132,7 +135,7 @@ def _launch_balloon(spec: DomainSpec, machine: str) -> dict[str, object] | None:
     return props
 
 
-def _json(value: dict[str, object]) -> str:
+def _json(value: Mapping[str, object]) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 

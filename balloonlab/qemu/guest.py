@@ -49,10 +49,12 @@ class Guest(GuestBase):
     Build one with :meth:`launch`, :meth:`attach` or :meth:`reconnect`, not directly.
     """
 
+    balloon: Balloon
+
     def __init__(self, *, name: str, spec: DomainSpec | None, monitor: Monitor, origin: Origin,
                  pid: int | None = None, process: subprocess.Popen[bytes] | None = None,
                  paths: runtime.RuntimePaths | None = None, reaper: Reaper | None = None,
-                 record: runtime.GuestRecord | None = None) -> None:
+                 record: runtime.RegistryEntry | None = None) -> None:
         super().__init__(name)
         self.spec = spec
         self.monitor = monitor
@@ -127,7 +129,7 @@ class Guest(GuestBase):
             except OSError as exc:
                 raise LaunchError(f"cannot run QEMU: {exc}", argv) from exc
         reaper = None if detached else Reaper(process.pid, paths.dir)
-        record = runtime.GuestRecord(name=spec.name, pid=process.pid, argv=argv, domain_xml=spec.xml,
+        record = runtime.RegistryEntry(name=spec.name, pid=process.pid, argv=argv, domain_xml=spec.xml,
                                      owner_pid=os.getpid(), detached=detached, created=time.time(),
                                      accel=accel)
         runtime.write_record(paths, record)
@@ -361,6 +363,6 @@ def _check_inputs(spec: DomainSpec, binary: str) -> None:
                               + (": run `balloonlab guest build`" if what in ("kernel", "initrd") else ""))
 
 
-def list_guests() -> list[runtime.GuestRecord]:
+def list_guests() -> list[runtime.RegistryEntry]:
     """Guests balloonlab launched that are running on this host (stale entries swept)."""
     return runtime.list_guests()

@@ -54,7 +54,7 @@ def validate_name(name: str) -> str:
 
 
 @dataclass
-class GuestRecord:
+class RegistryEntry:
     """What ``guest.json`` says about a guest balloonlab launched."""
 
     name: str
@@ -137,21 +137,21 @@ def _young(path: Path, seconds: float = 60.0) -> bool:
         return False
 
 
-def write_record(paths: RuntimePaths, record: GuestRecord) -> None:
+def write_record(paths: RuntimePaths, record: RegistryEntry) -> None:
     """Write ``guest.json`` atomically (a reader never sees half a file)."""
     atomic_write_json(paths.record, asdict(record))
 
 
-def read_record(directory: Path) -> GuestRecord | None:
+def read_record(directory: Path) -> RegistryEntry | None:
     """Read a runtime dir's ``guest.json``; None when missing or unreadable."""
     try:
         data: dict[str, Any] = json.loads((directory / "guest.json").read_text())
-        return GuestRecord(**data)
+        return RegistryEntry(**data)
     except (OSError, ValueError, TypeError):
         return None
 
 
-def qemu_alive(record: GuestRecord) -> bool:
+def qemu_alive(record: RegistryEntry) -> bool:
     """True when the record's pid is still that QEMU (not a recycled pid)."""
     return pid_is_guest(record.pid, str(runtime_root() / record.name))
 
@@ -172,12 +172,12 @@ def remove_runtime_dir(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def list_guests(*, sweep: bool = True) -> list[GuestRecord]:
+def list_guests(*, sweep: bool = True) -> list[RegistryEntry]:
     """Every live guest balloonlab launched on this host (owned and detached).
 
     :param sweep: delete the runtime dirs of guests that are gone (stale entries).
     """
-    live: list[GuestRecord] = []
+    live: list[RegistryEntry] = []
     for directory in sorted(runtime_root().iterdir()):
         if not directory.is_dir():
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ class _Column:
         self.kind = kind
         self.mask = bytearray(b"\x01" * missing_rows)
         if kind in ("int", "epoch_s", "category"):
-            self.values: array | list[str | None] = array("q", bytes(8 * missing_rows))
+            self.values: array[Any] | list[str | None] = array("q", bytes(8 * missing_rows))
         elif kind == "float":
             self.values = array("d", [float("nan")]) * missing_rows
         elif kind == "bool":
@@ -119,7 +120,7 @@ class ColumnarBuffer:
 
     def _series(self, name: str, column: _Column, lo: int, hi: int) -> object:
         mask = np.frombuffer(bytes(column.mask[lo:hi]), dtype=np.uint8).astype(bool)
-        if column.kind == "str":
+        if isinstance(column.values, list):  # the "str" kind
             return pd.array(column.values[lo:hi], dtype="string")
         if column.kind == "float":
             return pd.array(np.frombuffer(column.values, dtype=np.float64)[lo:hi].copy(), dtype="Float64")

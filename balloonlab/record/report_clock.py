@@ -44,7 +44,7 @@ class ReportClock:
                 self.lo = now  # still due: it comes after this read
             else:
                 self.lo, self.hi = now, None  # overdue: paused or stalled guest
-                return min(float(period), step * 2 ** min(self.misses, 10))
+                return min(float(period), step * (1 << min(self.misses, 10)))
         assert self.lo is not None and self.hi is not None
         target = self.hi + self.MARGIN_S if self.hi - self.lo <= step else (self.lo + self.hi) / 2
         return max(0.0, target - now)

@@ -272,4 +272,4 @@ class Sampler:
 
 
 def _iso(epoch: float) -> str:
-    return pd.Timestamp(epoch, unit="s", tz="UTC").isoformat()
+    return str(pd.Timestamp(epoch, unit="s", tz="UTC").isoformat())
