@@ -95,24 +95,24 @@ async def test_launch_applies_period_at_start(lv_spec):
     assert not (agent_root() / spec.name).exists()
 
 
-async def test_attach_sets_period_only_when_running_and_asked(lv_spec):
+async def test_attach_sets_period_only_when_running(lv_spec):
     spec = lv_spec(period_s=2)
     guest = await LibvirtGuest.launch(spec, agent=False)
     try:
         await set_period_behind_libvirts_back(guest, 5)
-        plain = await LibvirtGuest.attach(spec.name)  # set_period=False: leave it
-        assert await plain.balloon.get_period() == 5
-        await plain.close()
+        left = await LibvirtGuest.attach(spec.name, set_period=False)  # asked to leave it
+        assert await left.balloon.get_period() == 5
+        await left.close()
 
         await asyncio.to_thread(guest.link.dom.suspend)
-        paused = await LibvirtGuest.attach(spec.name, set_period=True)
+        paused = await LibvirtGuest.attach(spec.name)  # the default, as Guest.attach: set_period=True
         assert await paused.status() == "paused"
-        assert await guest.balloon.get_period() == 5  # paused: unchanged although asked
+        assert await guest.balloon.get_period() == 5  # paused: unchanged
         await paused.close()
         await asyncio.to_thread(guest.link.dom.resume)
 
-        running = await LibvirtGuest.attach(spec.name, set_period=True)
-        assert await guest.balloon.get_period() == 2  # running and asked: the XML's period
+        running = await LibvirtGuest.attach(spec.name)
+        assert await guest.balloon.get_period() == 2  # running: the XML's period
         assert running.balloon.period_s == 2 and running.warnings == []
         await running.close()
         assert guest.alive
@@ -304,7 +304,7 @@ async def test_libvirt_errors_keep_libvirts_message(lv_spec):
         with pytest.raises(ValueError, match="C int"):
             await guest.balloon.set_period(2**31)
         with pytest.raises(CommandError, match="cannot set memory higher than max memory") as info:
-            await guest.link.execute("balloon", {"value": 4 << 30})
+            await guest.link.set_memory(4 << 30)
         assert info.value.command == "virDomainSetMemoryFlags" and info.value.error_class == "INVALID_ARG"
         with pytest.raises(CommandError) as info:  # QEMU's own error, through the passthrough
             await guest.link.qmp("qom-get", {"path": "/machine/peripheral/nope", "property": "x"})

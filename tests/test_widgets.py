@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from balloonlab import LaunchError, builtin_spec
-from balloonlab.widgets import GuestSlot, LaunchParams, PatternParams, dashboard
+from balloonlab.widgets import GuestController, LaunchParams, PatternParams, dashboard
 
 from .conftest import RUNTIME_ROOT, qemu_pids_under
 
@@ -146,7 +146,7 @@ def test_bad_inputs_become_panel_messages_and_other_guest_keeps_working(make_das
 
 
 def test_launch_error_shows_qemu_message_without_traceback(builtin_ready, guest_name):
-    slot = GuestSlot(LaunchParams(name=guest_name, vcpus=1000))  # QEMU's pc machine takes 255 at most
+    slot = GuestController(LaunchParams(name=guest_name, vcpus=1000))  # QEMU's pc machine takes 255 at most
     future = slot.launch()
     assert future is not None
     with pytest.raises(LaunchError):
@@ -214,6 +214,12 @@ def test_workload_panel_allocates_and_plays_a_pattern_recorded_as_events(make_da
     panel.high.value = "lots"
     panel.run_button.click()
     assert "cannot read size 'lots'" in slot.message("workload").text
+
+
+def test_old_name_guestslot_still_imports_as_guestcontroller():
+    import balloonlab.widgets
+    assert balloonlab.widgets.GuestSlot is GuestController
+    assert "GuestSlot" in balloonlab.widgets.__all__
 
 
 def test_pattern_params_build_workload_schedules():
