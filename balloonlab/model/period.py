@@ -27,7 +27,6 @@ def validate_period(seconds: object, limit: int = QEMU_MAX_PERIOD_S) -> int:
         raise TypeError(f"stats period must be an int number of seconds (0 disables polling), "
                         f"got {seconds!r} ({type(seconds).__name__})")
     if not 0 <= seconds <= limit:
-        who = "libvirt keeps it in a C int: " if limit == LIBVIRT_MAX_PERIOD_S else ""
-        raise ValueError(f"stats period must be between 0 (disable) and {limit} seconds ({who}"
-                         f"got {seconds})")
+        why = " (libvirt keeps it in a C int)" if limit == LIBVIRT_MAX_PERIOD_S else ""
+        raise ValueError(f"stats period must be between 0 (disable) and {limit} seconds{why}, got {seconds}")
     return seconds

@@ -12,7 +12,7 @@ from typing import Any
 import ipywidgets as w
 
 from balloonlab.model.units import format_size
-from balloonlab.widgets._state import GuestSlot, Message
+from balloonlab.widgets.panel_state import GuestPanelState, Message
 
 _COLORS = {"info": "#555", "ok": "#1a7f37", "warning": "#9a6700", "error": "#cf222e"}
 _STATUS_COLORS = {"running": "#1a7f37", "launching": "#9a6700", "stopping": "#9a6700",
@@ -32,7 +32,7 @@ def message_html(message: Message | None) -> str:
     return text
 
 
-def status_html(slot: GuestSlot) -> str:
+def status_html(slot: GuestPanelState) -> str:
     """``name: status`` with the state coloured."""
     color = _STATUS_COLORS.get(slot.status, "#555")
     return (f'<b>{html.escape(slot.name)}</b>: <span class="bl-status" data-status="{html.escape(slot.status)}" '
@@ -58,7 +58,7 @@ def run_safely(action: Any) -> Any:
     def handler(*_args: object) -> None:
         try:
             action()
-        except Exception:  # the slot already turned errors into messages; this is a bug guard
+        except Exception:  # the controller already turned errors into messages; this is a bug guard
             import logging
             logging.getLogger(__name__).exception("dashboard callback failed")
     return handler

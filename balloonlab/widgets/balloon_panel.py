@@ -6,11 +6,13 @@ refreshed on every event and by the dashboard's timer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ipywidgets as w
 
 from balloonlab.model.units import format_size
-from balloonlab.widgets._state import GuestSlot
 from balloonlab.widgets._view import message_html, size_html
+from balloonlab.widgets.controller import GuestController
 
 MiB = 1 << 20
 #: The slider's lowest target: a smaller guest runs out of memory for its own kernel.
@@ -20,10 +22,10 @@ MIN_TARGET_MIB = 64
 class BalloonPanel:
     """Drive one guest's balloon; ``.widget`` is the panel.
 
-    :param slot: the guest this panel drives.
+    :param slot: the controller of the guest this panel drives.
     """
 
-    def __init__(self, slot: GuestSlot) -> None:
+    def __init__(self, slot: GuestController) -> None:
         self.slot = slot
         self.actual = w.HTML()
         self.slider = w.IntSlider(value=512, min=MIN_TARGET_MIB, max=512, step=16, description="target MiB",
@@ -47,12 +49,12 @@ class BalloonPanel:
         slot.observe(lambda _s: self.refresh())
         self.refresh()
 
-    def _on_slider(self, change: dict[str, object]) -> None:
+    def _on_slider(self, change: dict[str, Any]) -> None:  # a traitlets change: new is the slider's int
         if not self._syncing:
-            self.slot.set_target(int(change["new"]) * MiB)  # type: ignore[call-overload]
+            self.slot.set_target(int(change["new"]) * MiB)
 
     def refresh(self) -> None:
-        """Copy the slot's state into the panel."""
+        """Copy the controller's state into the panel."""
         slot = self.slot
         running = slot.status == "running"
         period = slot.period_s

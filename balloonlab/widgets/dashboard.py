@@ -17,25 +17,27 @@ import ipywidgets as w
 import pandas as pd
 
 from balloonlab.blocking import SyncGuest, SyncSampler
-from balloonlab.widgets._state import GuestSlot, LaunchParams
 from balloonlab.widgets.balloon_panel import BalloonPanel
+from balloonlab.widgets.controller import GuestController
 from balloonlab.widgets.launcher import LauncherPanel
 from balloonlab.widgets.live_plot import LivePlot
+from balloonlab.widgets.panel_state import LaunchParams
 from balloonlab.widgets.workload_panel import WorkloadPanel
 
 
 class Dashboard:
     """Panels for ``n_guests`` guests and a live plot; display it, then :meth:`close` it.
 
-    Build it with :func:`dashboard`. ``slots[i]`` holds guest i's state and actions (for
+    Build it with :func:`dashboard`. ``slots[i]`` is guest i's
+    :class:`~balloonlab.widgets.controller.GuestController`, its state and actions (for
     scripts: ``dash.slots[0].launch()``, ``dash.wait()``); ``launchers``, ``balloons``,
     ``workloads`` are the panels and ``plot`` the live plot.
     """
 
     def __init__(self, params: Sequence[LaunchParams], *, refresh_s: float = 1.0,
                  window_s: float | None = 300, run_dir: str | os.PathLike[str] | None = None) -> None:
-        self.sampler = SyncSampler(run_dir=run_dir).start()
-        self.slots = [GuestSlot(p, self.sampler) for p in params]
+        self.sampler = SyncSampler(run_dir=Path(run_dir) if run_dir is not None else None).start()
+        self.slots = [GuestController(p, self.sampler) for p in params]
         self.launchers = [LauncherPanel(s) for s in self.slots]
         self.balloons = [BalloonPanel(s) for s in self.slots]
         self.workloads = [WorkloadPanel(s) for s in self.slots]
@@ -127,5 +129,4 @@ def dashboard(n_guests: int = 2, *, names: Sequence[str] | None = None, memory: 
     if len(names) != n_guests:
         raise ValueError(f"names must give {n_guests} names, got {len(names)}")
     params = [LaunchParams(name=n, memory=memory, period_s=period_s, vcpus=vcpus) for n in names]
-    return Dashboard(params, refresh_s=refresh_s, window_s=window_s,
-                     run_dir=Path(run_dir) if run_dir is not None else None)
+    return Dashboard(params, refresh_s=refresh_s, window_s=window_s, run_dir=run_dir)

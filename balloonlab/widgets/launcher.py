@@ -1,16 +1,16 @@
 """The launcher panel: what to launch (built-in guest or a domain XML), Launch and Shutdown.
 
-The fields edit a :class:`~balloonlab.widgets._state.LaunchParams`; the buttons call the
-:class:`~balloonlab.widgets._state.GuestSlot`'s actions, which run on balloonlab's loop and
-report back in the panel's status line.
+The fields edit a :class:`~balloonlab.widgets.panel_state.LaunchParams`; the buttons call the
+:class:`~balloonlab.widgets.controller.GuestController`'s actions, which run on balloonlab's
+loop and report back in the panel's status line.
 """
 
 from __future__ import annotations
 
 import ipywidgets as w
 
-from balloonlab.widgets._state import GuestSlot
 from balloonlab.widgets._view import bind, message_html, status_html
+from balloonlab.widgets.controller import GuestController
 
 _STYLE = {"description_width": "7em"}
 
@@ -22,10 +22,10 @@ def _field() -> w.Layout:
 class LauncherPanel:
     """Launch / Shutdown one guest; ``.widget`` is the panel.
 
-    :param slot: the guest this panel drives.
+    :param slot: the controller of the guest this panel drives.
     """
 
-    def __init__(self, slot: GuestSlot) -> None:
+    def __init__(self, slot: GuestController) -> None:
         self.slot = slot
         p = slot.params
         kw = {"layout": _field(), "style": _STYLE}
@@ -74,7 +74,7 @@ class LauncherPanel:
         self._builtin_only.layout.display = "none" if xml else None
 
     def refresh(self) -> None:
-        """Copy the slot's state into the panel (called on every slot change)."""
+        """Copy the controller's state into the panel (called on every change)."""
         slot = self.slot
         self.status.value = status_html(slot)
         self.message.value = message_html(slot.message("launcher"))

@@ -64,7 +64,8 @@ class LivePlot:
         n = max(1, len(self._guest_names() or [""]))
         with plt.ioff():  # or the figure shows twice under ipympl
             self.figure = plt.figure(figsize=(10, 0.8 + 2.4 * n), layout="constrained")
-        canvas = self.figure.canvas
+        # ipympl's canvas is also an ipywidgets DOMWidget, and ipywidgets has no types.
+        canvas: Any = self.figure.canvas
         self.interactive = isinstance(canvas, w.DOMWidget)
         if self.interactive:
             canvas.header_visible = False
@@ -114,7 +115,8 @@ class LivePlot:
                 self.figure.canvas.draw_idle()
             else:
                 update_memory_plot(self.figure, samples, events)
-            lines = self.figure._balloonlab_lines
+            # plot_memory keeps its artists on the figure, untyped (guest -> line name -> Line2D)
+            lines = self.figure._balloonlab_lines  # type: ignore[attr-defined]
             self.points = sum(len(lines[g]["total_memory"].get_xdata()) for g in lines)
             self.samples = len(samples)
             last = samples.index.max() if len(samples) else None
@@ -125,7 +127,7 @@ class LivePlot:
             if not self.interactive:
                 buffer = io.BytesIO()
                 self.figure.savefig(buffer, format="png", dpi=80)
-                self._view.value = buffer.getvalue()  # type: ignore[attr-defined]
+                self._view.value = buffer.getvalue()
 
     def _replot_soon(self) -> None:
         self._names = None  # the window is fixed when the axes are made: make them again

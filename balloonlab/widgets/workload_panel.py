@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipywidgets as w
 
-from balloonlab.widgets._state import GuestSlot, PatternParams
 from balloonlab.widgets._view import bind, message_html, size_html
+from balloonlab.widgets.controller import GuestController
+from balloonlab.widgets.panel_state import PatternParams
 
 
 def _short() -> w.Layout:
@@ -23,11 +24,11 @@ _STYLE = {"description_width": "7em"}
 class WorkloadPanel:
     """Memory pressure in one guest; ``.widget`` is the panel.
 
-    :param slot: the guest this panel drives.
+    :param slot: the controller of the guest this panel drives.
     :param pattern: the pattern's parameters (a default one if None).
     """
 
-    def __init__(self, slot: GuestSlot, pattern: PatternParams | None = None) -> None:
+    def __init__(self, slot: GuestController, pattern: PatternParams | None = None) -> None:
         self.slot = slot
         self.pattern = pattern or PatternParams()
         p = self.pattern
@@ -61,7 +62,7 @@ class WorkloadPanel:
         self.refresh()
 
     def refresh(self) -> None:
-        """Copy the slot's state into the panel."""
+        """Copy the controller's state into the panel."""
         slot = self.slot
         running = slot.status == "running"
         held = slot.held
