@@ -7,6 +7,8 @@ load only when asked for (``bl.dashboard``, ``bl.LibvirtGuest``, ``bl.SyncLibvir
 an analysis script's ``import balloonlab`` needs neither ipywidgets nor libvirt-python.
 """
 
+import sys
+
 from balloonlab import analysis as analysis  # registers the df.balloon accessor
 from balloonlab._version import __version__ as __version__
 from balloonlab.analysis.plotting import plot_memory
@@ -32,6 +34,12 @@ from balloonlab.model.stats import format_dommemstat, libvirt_view
 from balloonlab.model.units import format_size, parse_size
 from balloonlab.qemu import Balloon, Guest, Monitor, QMPEvent, list_guests
 from balloonlab.record import Run, Sampler, SamplingState, load_run, new_run_dir
+from balloonlab.record import store as store  # deprecated path, see below
+
+# Deprecated module path, kept for notebooks and scripts written against the flat layout:
+# ``balloonlab.store`` (``from balloonlab.store import new_run_dir``, ``bl.store.load_run``)
+# is ``balloonlab.record.store``. New code uses the flat names (``bl.new_run_dir``).
+sys.modules.setdefault(f"{__name__}.store", store)
 
 __all__ = [
     "AgentError", "Balloon", "BalloonBase", "BalloonChange", "BalloonLabError", "BalloonLabWarning",
