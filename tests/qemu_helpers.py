@@ -13,6 +13,20 @@ from pathlib import Path
 from .conftest import RUNTIME_ROOT
 
 
+def listening(sock: Path) -> bool:
+    """True once something accepts connections on the unix socket ``sock``.
+
+    The probe connection is closed at once; QEMU (wait=off) then serves the next client.
+    """
+    import socket
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            return False
+    return True
+
+
 @contextlib.contextmanager
 def foreign_qemu(*device_args: str, machine: str = "pc", paused: bool = True,
                  extra: tuple[str, ...] = ()) -> Iterator[Path]:
@@ -30,11 +44,11 @@ def foreign_qemu(*device_args: str, machine: str = "pc", paused: bool = True,
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while not listening(sock):  # QEMU creates the file before it listens on it
             if proc.poll() is not None:
                 raise RuntimeError(f"QEMU failed: {proc.stderr.read().decode()}")
             if time.monotonic() > deadline:
-                raise RuntimeError("QEMU did not create its QMP socket")
+                raise RuntimeError("QEMU did not listen on its QMP socket")
             time.sleep(0.02)
         yield sock
     finally:

@@ -202,3 +202,22 @@ async def test_disk_images_from_the_domain_xml_are_attached_in_their_format(spec
         files = {b["inserted"]["file"]: b["inserted"]["drv"] for b in blocks if b.get("inserted")}
         assert files == {str(image): fmt}
         assert (await guest.balloon.wait_for_stats(30)).reported  # and the guest still boots
+
+
+async def test_attach_names_are_validated_as_launch_names_given_or_derived(spec, tmp_path):
+    from .qemu_helpers import foreign_qemu
+    with foreign_qemu("virtio-balloon-pci,id=balloon0") as sock:
+        with pytest.raises(ValueError, match=r"guest name 'a/b' must be 1-48 characters"):
+            await Guest.attach(sock, name="a/b")
+        with pytest.raises(ValueError, match=r"'has space'.*taken from the domain XML's <name>: pass name="):
+            await Guest.attach(sock, dataclasses.replace(spec(period_s=None), name="has space"))
+        odd = tmp_path / "my guest.sock"
+        odd.symlink_to(sock)  # the same QEMU, through a path whose stem is no guest name
+        with pytest.raises(ValueError, match=r"'my guest'.*taken from the socket's file name: pass name="):
+            await Guest.attach(odd)
+        named = await Guest.attach(odd, name="ext_1.a")  # the same socket with a valid name attaches
+        assert named.name == "ext_1.a" and await named.status() == "prelaunch"
+        await named.close()
+        derived = await Guest.attach(sock)
+        assert derived.name == "qmp" and await derived.status() == "prelaunch"
+        await derived.close()

@@ -1,18 +1,18 @@
 """A domain managed by libvirt: launch from domain XML, attach, reconnect, detach, shut down.
 
 The lifecycle half of the libvirt backend (see :mod:`balloonlab.libvirt` for the period
-rules and the two ways statistics are read). libvirt-python is blocking: every call runs in
-a worker thread; libvirt's events run on one daemon thread per process and reach the asyncio
-loop thread-safely.
+rules and the two ways statistics are read). libvirt-python is blocking: every call runs on
+libvirt's call threads with a time limit (:meth:`DomainLink.call`); libvirt's events run on
+one daemon thread per process and reach the asyncio loop thread-safely.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import shutil
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,7 +20,6 @@ import libvirt
 
 from balloonlab.domain import DomainSpec, as_spec
 from balloonlab.image.agent import Workload
-from balloonlab.libvirt.api import error_text
 from balloonlab.libvirt.balloon import LibvirtBalloon
 from balloonlab.libvirt.files import agent_root, pid_is_domain, prepare_xml, qemu_log_size, qemu_log_tail, qemu_pid
 from balloonlab.libvirt.link import DomainLink, StatsVia, is_local_qemu, open_link
@@ -34,6 +33,8 @@ __all__ = ["DEFAULT_URI", "LibvirtGuest", "agent_root"]
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "qemu:///system"
+#: The least time libvirt is given to start a domain (QEMU's start under load).
+_START_TIMEOUT_S = 60.0
 
 
 class LibvirtGuest(GuestBase):
@@ -88,11 +89,11 @@ class LibvirtGuest(GuestBase):
                 shutil.rmtree(made_dir, ignore_errors=True)
         async with rollback(close_link):
             await link.watch()  # before the domain exists: no early BALLOON_CHANGE is missed
-            dom = await _create(link, spec.name, xml, persistent, log_start)
+            dom = await _create(link, uri, spec.name, xml, persistent, log_start)
         link.bind(dom)
 
         async def destroy() -> None:
-            await _destroy(link, dom, undefine=persistent)
+            await _destroy(link, dom, undefine=persistent, pid=qemu_pid(spec.name, uri) if is_local_qemu(uri) else None)
             if made_dir is not None:
                 shutil.rmtree(made_dir, ignore_errors=True)
 
@@ -223,9 +224,13 @@ class LibvirtGuest(GuestBase):
 
     async def shutdown(self, timeout_s: float = 10.0, *, undefine: bool = False) -> bool:
         """Stop the domain: ``virDomainDestroyFlags(GRACEFUL)`` (SIGTERM, QEMU exits cleanly,
-        as QMP ``quit``), else a plain destroy (SIGKILL). libvirt applies its own wait (about
-        10 s); ``timeout_s`` is accepted for :meth:`Guest.shutdown`'s signature.
+        as QMP ``quit``) for at most ``timeout_s``, then SIGKILL. On this host QEMU is killed
+        by its pid and libvirt stops the domain about 2 s later; on a remote URI libvirt's own
+        graceful wait (about 15 s) cannot be cut short and the plain destroy follows it. Every
+        libvirt call is bounded by the link's
+        :attr:`~balloonlab.libvirt.link.DomainLink.call_timeout_s`.
 
+        :param timeout_s: how long QEMU may take to exit on SIGTERM.
         :param undefine: also remove a persistent domain's definition.
         :returns: True when QEMU stopped on SIGTERM (or was already gone).
         """
@@ -233,7 +238,7 @@ class LibvirtGuest(GuestBase):
             return True
         if self._workload is not None:
             await self._workload.close()
-        graceful = await _destroy(self.link, self.link.dom, undefine=undefine)
+        graceful = await _destroy(self.link, self.link.dom, undefine=undefine, timeout_s=timeout_s, pid=self.pid)
         if self._agent_dir is not None and (not self.persistent or undefine):
             shutil.rmtree(self._agent_dir, ignore_errors=True)
         self._closed = True
@@ -274,34 +279,57 @@ class LibvirtGuest(GuestBase):
         return f"<LibvirtGuest {self.name} {self.origin} {self.uri} via={self.stats_via} pid={self.pid}>"
 
 
-async def _create(link: DomainLink, name: str, xml: str, persistent: bool,
+async def _create(link: DomainLink, uri: str, name: str, xml: str, persistent: bool,
                   log_start: int) -> libvirt.virDomain:
     conn = link.conn
-    try:
-        existing = await asyncio.to_thread(conn.lookupByName, name)
-    except libvirt.libvirtError:
-        existing = None
-    if existing is not None:  # defineXML would silently replace its definition
-        raise LaunchError(f"a libvirt domain named {name!r} already exists on {conn.getURI()}: "
+
+    def lookup() -> libvirt.virDomain | None:
+        try:
+            return conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return None
+    if await link.call("virDomainLookupByName", lookup) is not None:  # defineXML would silently replace it
+        raise LaunchError(f"a libvirt domain named {name!r} already exists on {uri}: "
                           "choose another name, or attach to it")
-    dom = None
-    try:
-        if persistent:
-            dom = await asyncio.to_thread(conn.defineXML, xml)
-            await asyncio.to_thread(dom.create)
-        else:
-            dom = await asyncio.to_thread(conn.createXML, xml, 0)
-    except libvirt.libvirtError as exc:
-        if dom is not None:
+
+    def start() -> libvirt.virDomain:
+        if not persistent:
+            return conn.createXML(xml, 0)
+        dom = conn.defineXML(xml)
+        try:
+            dom.create()
+        except libvirt.libvirtError:
             with contextlib.suppress(libvirt.libvirtError):
-                await asyncio.to_thread(dom.undefine)
-        raise LaunchError(f"libvirt could not start domain {name}: {error_text(exc)}",
+                dom.undefine()
+            raise
+        return dom
+
+    def undo(late: libvirt.virDomain) -> None:
+        # libvirt started it after launch gave up: a domain nobody holds must not keep running.
+        with contextlib.suppress(libvirt.libvirtError):
+            late.destroy()
+        if persistent:
+            with contextlib.suppress(libvirt.libvirtError):
+                late.undefine()
+    try:
+        # QEMU starting (and libvirt's first QMP exchange) under load can take a while.
+        dom = await link.call("virDomainCreateXML", start, abandoned=undo,
+                              timeout_s=max(link.call_timeout_s, _START_TIMEOUT_S))
+    except BalloonLabError as exc:  # libvirt's refusal (its words kept), or no answer in time
+        why = exc.desc if isinstance(exc, CommandError) else str(exc)
+        raise LaunchError(f"libvirt could not start domain {name}: {why}",
                           output=qemu_log_tail(name, log_start)) from exc
     return dom
 
 
-async def _destroy(link: DomainLink, dom: libvirt.virDomain | None, *, undefine: bool) -> bool:
-    """Stop ``dom`` (graceful first), optionally undefine it, close the link."""
+async def _destroy(link: DomainLink, dom: libvirt.virDomain | None, *, undefine: bool,
+                   timeout_s: float = 10.0, pid: int | None = None) -> bool:
+    """Stop ``dom``: SIGTERM through ``destroyFlags(GRACEFUL)``, waiting at most ``timeout_s``,
+    then SIGKILL; optionally undefine it; close the link.
+
+    :param pid: QEMU's pid on this host, if known (see below).
+    :returns: True when QEMU stopped on SIGTERM (or was not running).
+    """
     graceful = True
     if dom is not None:
         def active() -> bool:
@@ -312,23 +340,28 @@ async def _destroy(link: DomainLink, dom: libvirt.virDomain | None, *, undefine:
                     return False
                 raise
 
-        def stop() -> bool:
+        try:
+            if await link.call("virDomainIsActive", active):
+                await link.call("virDomainDestroyFlags", dom.destroyFlags, libvirt.VIR_DOMAIN_DESTROY_GRACEFUL,
+                                timeout_s=max(timeout_s, 0.0))
+        except BalloonLabError as exc:
+            graceful = False
+            log.warning("%s did not stop on SIGTERM within %s s (%s): killing it", link.name, timeout_s, exc)
+            if pid is not None and pid_is_domain(pid, link.name):
+                # libvirt holds the domain for as long as its graceful destroy waits (about
+                # 15 s for a QEMU that ignores SIGTERM), so a plain destroy would wait behind
+                # it: SIGKILL QEMU as that destroy would, and libvirt stops the domain within
+                # about 2 s. Remote (or unseen) QEMUs get the plain destroy alone.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             try:
-                if not active():
-                    return True
-                dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
-                return True
-            except libvirt.libvirtError as exc:
-                log.warning("%s did not stop on SIGTERM (%s): destroying it", dom.name(), error_text(exc))
-            with contextlib.suppress(libvirt.libvirtError):
-                if active():
-                    dom.destroy()
-            return False
-
-        graceful = await asyncio.to_thread(stop)
+                if await link.call("virDomainIsActive", active):
+                    await link.call("virDomainDestroy", dom.destroy)
+            except BalloonLabError as again:
+                log.error("%s: could not destroy the domain: %s", link.name, again)
         if undefine:
-            with contextlib.suppress(libvirt.libvirtError):
-                await asyncio.to_thread(dom.undefine)
+            with contextlib.suppress(BalloonLabError):
+                await link.call("virDomainUndefine", dom.undefine)
     await link.close()
     return graceful
 

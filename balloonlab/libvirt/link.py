@@ -1,10 +1,11 @@
 """A link to one libvirt domain: libvirt's API for it, its events, and QMP passthrough.
 
-libvirt-python is blocking: every call runs in a worker thread (``asyncio.to_thread``).
-Events arrive on libvirt's event thread (:func:`~balloonlab.libvirt.api.ensure_event_loop`)
-and are handed to the asyncio loop with ``call_soon_threadsafe``. With ``via == "qmp"`` the
-link is also a :class:`~balloonlab.qemu.transport.QMPTransport`: QEMU's own commands go
-through ``qemuMonitorCommand``, so the QMP backend's discovery and balloon reads run over it.
+libvirt-python is blocking: every call runs on libvirt's own call threads with a time limit
+(:func:`~balloonlab.libvirt.api.blocking_call`; a hung libvirtd raises MonitorError). Events
+arrive on libvirt's event thread (:func:`~balloonlab.libvirt.api.ensure_event_loop`) and are
+handed to the asyncio loop with ``call_soon_threadsafe``. With ``via == "qmp"`` the link is
+also a :class:`~balloonlab.qemu.transport.QMPTransport`: QEMU's own commands go through
+``qemuMonitorCommand``, so the QMP backend's discovery and balloon reads run over it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 import libvirt
 
 from balloonlab.domain import DomainSpec, parse_domain_xml
-from balloonlab.libvirt.api import domain_gone, ensure_event_loop, error_text, map_error, state_name
+from balloonlab.libvirt.api import blocking_call, domain_gone, ensure_event_loop, error_text, map_error, state_name
 from balloonlab.model.errors import CommandError, MonitorError
 from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S, validate_period
 from balloonlab.qemu.transport import ConnectionCache, QMPEvent
@@ -33,6 +34,12 @@ except ImportError:  # pragma: no cover - shipped with libvirt-python
 
 log = logging.getLogger(__name__)
 StatsVia = Literal["auto", "qmp", "libvirt"]
+#: How long a call on a domain waits for a restarted libvirtd (its first start takes ~8 s).
+RECONNECT_S = 30.0
+#: How long one libvirt call may take by default before it raises MonitorError: above
+#: libvirt's own waits (a graceful destroy's 15 s, a QEMU monitor job's), about what its
+#: keepalive (5 s x 5) takes to notice a dead connection.
+CALL_TIMEOUT_S = 30.0
 
 
 def is_local_qemu(uri: str) -> bool:
@@ -61,14 +68,27 @@ class DomainLink:
     :param name: the domain's name (events are matched by it until the UUID is known).
     :param via: ``"qmp"`` allows QMP passthrough (``qemuMonitorCommand``), ``"libvirt"``
         uses libvirt's API only.
+    :param call_timeout_s: the time limit of every call on this link (see :meth:`call`).
+    :param uri: the connection's URI; with it, calls on the domain survive a libvirtd restart
+        (the link reopens the connection, finds the domain by UUID, subscribes again and
+        retries once; see :meth:`reopen`).
     """
 
     socket_path = None  # libvirt owns QEMU's monitor socket
 
-    def __init__(self, conn: libvirt.virConnect, name: str, *, via: str) -> None:
+    def __init__(self, conn: libvirt.virConnect, name: str, *, via: str,
+                 call_timeout_s: float = CALL_TIMEOUT_S, uri: str | None = None) -> None:
         self.conn = conn
+        #: Where to reopen the connection when libvirtd restarts (None: never reopen).
+        self.uri = uri
+        #: How long a call waits for a restarted libvirtd to answer again.
+        self.reconnect_s = RECONNECT_S
+        #: Connections reopened after libvirtd went away.
+        self.reconnects = 0
         self.name = name
         self.via = via
+        #: A libvirt call with no answer after this long raises MonitorError (settable).
+        self.call_timeout_s = call_timeout_s
         self.dom: libvirt.virDomain | None = None
         self.uuid: str | None = None
         #: libvirt calls made through this link (one per sample for memoryStats).
@@ -105,22 +125,82 @@ class DomainLink:
         """``handler(event, detail)`` for libvirt lifecycle events (on the asyncio loop)."""
         self._lifecycle.append(handler)
 
-    async def call(self, api: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking libvirt call in a worker thread; libvirt errors become balloonlab's."""
+    async def call(self, api: str, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+                   abandoned: Callable[[Any], None] | None = None) -> Any:
+        """Run a blocking libvirt call on libvirt's call threads; libvirt errors become balloonlab's.
+
+        :param timeout_s: the time limit (default :attr:`call_timeout_s`).
+        :param abandoned: undoes the result of a call that returns after the time limit.
+        :raises MonitorError: no answer within the limit, the domain or connection is gone.
+        :raises CommandError: libvirt refused (its error code name and message kept).
+        """
         self.round_trips += 1
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await blocking_call(api, fn, *args, abandoned=abandoned,
+                                       timeout_s=self.call_timeout_s if timeout_s is None else timeout_s)
         except libvirt.libvirtError as exc:
             if domain_gone(exc) and self.stopped is None:
                 self.stopped = error_text(exc)
             raise map_error(exc, api) from exc
+
+    async def _on_domain(self, api: str, call: Callable[[libvirt.virDomain], Any],
+                         timeout_s: float | None = None) -> Any:
+        """``call(domain)`` on libvirt's call threads; when the connection was lost (libvirtd
+        restarted) it is reopened and the call made once more on the domain found again."""
+        try:
+            return await self.call(api, call, self._domain(), timeout_s=timeout_s)
+        except MonitorError:
+            if self.uri is None or self.stopped is not None or await self._alive():
+                raise
+        await self.reopen()
+        return await self.call(api, call, self._domain(), timeout_s=timeout_s)
+
+    async def _alive(self) -> bool:
+        try:
+            return bool(await blocking_call("virConnectIsAlive", self.conn.isAlive, timeout_s=5.0))
+        except (libvirt.libvirtError, MonitorError):
+            return False
+
+    async def reopen(self) -> None:
+        """Open the connection again after libvirtd went away, find the domain by UUID and
+        subscribe to its events again, waiting up to :attr:`reconnect_s` for libvirtd.
+
+        :raises MonitorError: libvirtd did not come back in time, or the domain is gone.
+        """
+        assert self.uri is not None and self.uuid is not None
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                conn = await blocking_call("virConnectOpen", libvirt.open, self.uri, timeout_s=self.call_timeout_s,
+                                           abandoned=lambda late: late.close())
+                dom = await blocking_call("virDomainLookupByUUIDString", conn.lookupByUUIDString, self.uuid,
+                                          timeout_s=self.call_timeout_s)
+                break
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    self.stopped = error_text(exc)
+                    raise map_error(exc, "virDomainLookupByUUIDString") from exc
+                if time.monotonic() > deadline:
+                    raise MonitorError(f"libvirt at {self.uri} did not come back within {self.reconnect_s} s: "
+                                       f"{error_text(exc)}") from exc
+                await asyncio.sleep(0.5)
+        old, self.conn = self.conn, conn
+        self._callback_ids = []  # they belonged to the old connection
+        with contextlib.suppress(libvirt.libvirtError):
+            old.close()
+        self.bind(dom)
+        self.closed_reason = None
+        self.reconnects += 1
+        await self.watch()
+        log.warning("%s: libvirt connection to %s reopened", self.name, self.uri)
 
     def _domain(self) -> libvirt.virDomain:
         if self.dom is None:
             raise MonitorError(f"{self.name}: no libvirt domain bound yet")
         return self.dom
 
-    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def qmp(self, command: str, arguments: dict[str, Any] | None = None,
+                  timeout_s: float | None = None) -> Any:
         """One QMP command straight to QEMU through libvirt (``virsh qemu-monitor-command``).
 
         libvirt marks the domain tainted (``custom-monitor``) on first use and logs it.
@@ -133,8 +213,8 @@ class DomainLink:
                                f"QMP command {command!r} needs QMP passthrough (stats_via='qmp' on a "
                                f"local qemu:// URI); this link uses libvirt's API only")
         message = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
-        text = await self.call("qemuMonitorCommand", libvirt_qemu.qemuMonitorCommand,
-                               self._domain(), message, 0)
+        passthrough = libvirt_qemu.qemuMonitorCommand
+        text = await self._on_domain("qemuMonitorCommand", lambda dom: passthrough(dom, message, 0), timeout_s)
         try:
             reply = json.loads(text)
         except ValueError as exc:
@@ -148,22 +228,22 @@ class DomainLink:
                       timeout_s: float | None = None) -> Any:
         """The QMP transport's command: QEMU's own command through passthrough (see :meth:`qmp`).
 
-        ``timeout_s`` is ignored: libvirt applies its own job and keepalive timeouts.
+        ``timeout_s`` bounds the libvirt call (default :attr:`call_timeout_s`).
 
         :raises CommandError: QEMU's error, or passthrough not allowed on this link.
         """
-        return await self.qmp(command, arguments)
+        return await self.qmp(command, arguments, timeout_s=timeout_s)
 
     async def set_memory(self, target_bytes: int) -> None:
         """``virDomainSetMemoryFlags(KiB, LIVE)``: the balloon target (libvirt takes KiB;
         rounded up, so the guest never gets less than asked)."""
         kib = -(-int(target_bytes) // 1024)
-        await self.call("virDomainSetMemoryFlags", self._domain().setMemoryFlags, kib,
-                        libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        await self._on_domain("virDomainSetMemoryFlags",
+                              lambda dom: dom.setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE))
 
     async def state(self) -> str:
         """``virDomainGetState`` as QEMU's run-state word where one fits (``running``, ``paused``)."""
-        state, _reason = await self.call("virDomainGetState", self._domain().state)
+        state, _reason = await self._on_domain("virDomainGetState", lambda dom: dom.state())
         return state_name(state)
 
     async def set_stats_period(self, seconds: int) -> None:
@@ -172,15 +252,15 @@ class DomainLink:
         :raises TypeError, ValueError: a period libvirt (a C int) would refuse.
         """
         validate_period(seconds, LIBVIRT_MAX_PERIOD_S)
-        await self.call("virDomainSetMemoryStatsPeriod", self._domain().setMemoryStatsPeriod,
-                        seconds, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        await self._on_domain("virDomainSetMemoryStatsPeriod",
+                              lambda dom: dom.setMemoryStatsPeriod(seconds, libvirt.VIR_DOMAIN_AFFECT_LIVE))
 
     async def memory_stats(self) -> dict[str, int]:
         """``virDomainMemoryStats``: libvirt's names, KiB (counts unchanged)."""
-        return dict(await self.call("virDomainMemoryStats", self._domain().memoryStats))
+        return dict(await self._on_domain("virDomainMemoryStats", lambda dom: dom.memoryStats()))
 
     async def live_xml(self) -> str:
-        return str(await self.call("virDomainGetXMLDesc", self._domain().XMLDesc, 0))
+        return str(await self._on_domain("virDomainGetXMLDesc", lambda dom: dom.XMLDesc(0)))
 
     async def live_spec(self) -> DomainSpec:
         """The running domain's XML as a DomainSpec."""
@@ -226,8 +306,13 @@ class DomainLink:
             if self._mine(dom):
                 self._post(self._dispatch, QMPEvent("RESET", {}, time.time()))
 
+        conn = self.conn
+
         def closed(_conn: Any, reason: int, _opaque: Any) -> None:
-            self._post(setattr, self, "closed_reason", f"libvirt connection closed (reason {reason})")
+            def mark() -> None:
+                if conn is self.conn:  # not an old connection that reopen() replaced
+                    self.closed_reason = f"libvirt connection closed (reason {reason})"
+            self._post(mark)
 
         for event_id, callback in ((libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, balloon),
                                    (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),
@@ -235,8 +320,8 @@ class DomainLink:
             self._callback_ids.append(await self.call(
                 "virConnectDomainEventRegisterAny", self.conn.domainEventRegisterAny, None, event_id,
                 callback, None))
-        with contextlib.suppress(libvirt.libvirtError):
-            await asyncio.to_thread(self.conn.registerCloseCallback, closed, None)
+        with contextlib.suppress(CommandError):  # e.g. one is registered already
+            await self.call("virConnectRegisterCloseCallback", self.conn.registerCloseCallback, closed, None)
 
     async def close(self) -> None:
         """Unsubscribe and close the connection. Idempotent."""
@@ -254,19 +339,26 @@ class DomainLink:
                 self.conn.close()
 
         self.closed_reason = "closed"
-        await asyncio.to_thread(shut)
+        try:
+            await blocking_call("virConnectClose", shut, timeout_s=self.call_timeout_s)
+        except MonitorError as exc:  # the handle is closed for us; libvirt lets go when it can
+            log.warning("%s: %s", self.name, exc)
 
 
-async def open_link(uri: str, name: str, stats_via: str) -> DomainLink:
+async def open_link(uri: str, name: str, stats_via: str, *,
+                    call_timeout_s: float = CALL_TIMEOUT_S) -> DomainLink:
     """Open a libvirt connection for domain ``name`` (after libvirt's event loop runs).
 
-    :raises MonitorError: libvirt is not reachable at ``uri`` (its message kept).
+    :param call_timeout_s: the limit of the open and of every call on the link.
+    :raises MonitorError: libvirt is not reachable at ``uri`` (its message kept), or did not
+        answer within ``call_timeout_s``.
     """
     via = resolve_via(stats_via, uri)
     ensure_event_loop()  # before the connection opens, or it gets no events
     try:
-        conn = await asyncio.to_thread(libvirt.open, uri)
+        conn = await blocking_call("virConnectOpen", libvirt.open, uri, timeout_s=call_timeout_s,
+                                   abandoned=lambda late: late.close())
     except libvirt.libvirtError as exc:
         raise MonitorError(f"cannot connect to libvirt at {uri}: {error_text(exc)} "
                            "(is libvirtd running? scripts/libvirtd start)") from exc
-    return DomainLink(conn, name, via=via)
+    return DomainLink(conn, name, via=via, call_timeout_s=call_timeout_s, uri=uri)

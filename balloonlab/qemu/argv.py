@@ -4,7 +4,8 @@
 (same driver, names and order, checked against libvirt's own test ``.args`` files), and
 :func:`build_argv` a whole argv that QEMU 7.2 boots: paused (``-S``) with a QMP socket, so the
 monitor layer can set the stats period before the vCPUs run, as libvirt does. Both are pure
-functions; only :func:`kvm_usable` / :func:`resolve_accel` look at the host. Starting the
+functions; only :func:`kvm_usable` / :func:`resolve_accel` and :func:`check_launch_inputs`
+look at the host. Starting the
 process is the launcher's job.
 """
 
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 
 from balloonlab.domain import DiskSpec, DomainSpec
+from balloonlab.model.errors import LaunchError
 from balloonlab.qemu.devices import balloon_device_type
 
 #: libvirt's names for the memballoon ``<driver>`` virtio options on the QEMU command line.
@@ -233,3 +237,18 @@ def build_argv(spec: DomainSpec, *, qmp_socket: str, console_log: str, agent_soc
     if balloon is not None:
         argv += ["-device", _json(balloon)]
     return argv
+
+
+def check_launch_inputs(spec: DomainSpec, binary: str) -> None:
+    """Refuse a launch whose inputs are missing, before any process exists.
+
+    :raises LaunchError: the QEMU binary, kernel, initrd or a disk image is not there.
+    """
+    if shutil.which(binary) is None:
+        raise LaunchError(f"QEMU binary {binary!r} not found: install it (Debian/Ubuntu: "
+                          "apt-get install qemu-system-x86) or set <emulator> in the domain XML")
+    for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd),
+                       *(("disk", d.source) for d in spec.disks)):
+        if path and not Path(path).is_file() and not Path(path).is_block_device():
+            raise LaunchError(f"{what} {path} of guest {spec.name} does not exist"
+                              + (": run `balloonlab guest build`" if what in ("kernel", "initrd") else ""))

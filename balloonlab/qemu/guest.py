@@ -27,16 +27,16 @@ from pathlib import Path
 from balloonlab.domain import DomainSpec, as_spec, parse_domain_xml
 from balloonlab.image.agent import Workload
 from balloonlab.image.kernel import kernel_release
-from balloonlab.model.deadline import WaitAborted, wait_until
+from balloonlab.model.deadline import Deadline, WaitAborted, wait_until
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
 from balloonlab.model.guest import GuestBase, rollback
 from balloonlab.model.procfs import process_rss_bytes
 from balloonlab.model.protocols import Origin
 from balloonlab.qemu import registry as runtime
-from balloonlab.qemu.argv import build_argv, qemu_binary_for, resolve_accel
+from balloonlab.qemu.argv import build_argv, check_launch_inputs, qemu_binary_for, resolve_accel
 from balloonlab.qemu.balloon import Balloon
 from balloonlab.qemu.monitor import Monitor
-from balloonlab.qemu.reaper import Reaper
+from balloonlab.qemu.reaper import KILL_WAIT_S, Reaper, kill_and_reap
 
 log = logging.getLogger(__name__)
 #: What the built-in guest's init prints on its console once the agent listens.
@@ -88,7 +88,7 @@ class Guest(GuestBase):
         if name is not None:
             spec = dataclasses.replace(spec, name=runtime.validate_name(name))
         binary = qemu_binary or qemu_binary_for(spec)
-        _check_inputs(spec, binary)
+        check_launch_inputs(spec, binary)
         chosen = resolve_accel(accel)
         paths = runtime.claim_runtime_dir(spec.name)
         argv = build_argv(spec, qmp_socket=str(paths.qmp_socket), console_log=str(paths.console_log),
@@ -119,20 +119,35 @@ class Guest(GuestBase):
     @classmethod
     async def _spawn(cls, spec: DomainSpec, paths: runtime.RuntimePaths, argv: list[str],
                      accel: str, detached: bool) -> Guest:
-        with open(paths.qemu_log, "wb") as log_file:
+        # 0600 like everything in the runtime dir (see the umask below).
+        fd = os.open(paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as log_file:
             try:
                 # Its own session: a Ctrl-C aimed at the notebook or script must not reach QEMU;
-                # ownership is the reaper's job.
+                # ownership is the reaper's job. umask 0177: QEMU creates its QMP and agent
+                # sockets (bind() applies the umask) and the console log 0600, not 0755/0644.
                 process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                            stderr=subprocess.STDOUT, start_new_session=True,
-                                           close_fds=True)
+                                           close_fds=True, umask=0o177)
             except OSError as exc:
                 raise LaunchError(f"cannot run QEMU: {exc}", argv) from exc
-        reaper = None if detached else Reaper(process.pid, paths.dir)
-        record = runtime.RegistryEntry(name=spec.name, pid=process.pid, argv=argv, domain_xml=spec.xml,
-                                     owner_pid=os.getpid(), detached=detached, created=time.time(),
-                                     accel=accel)
-        runtime.write_record(paths, record)
+        reaper: Reaper | None = None
+        try:
+            reaper = None if detached else Reaper(process.pid, paths.dir)
+            record = runtime.RegistryEntry(name=spec.name, pid=process.pid, argv=argv, domain_xml=spec.xml,
+                                           owner_pid=os.getpid(), detached=detached, created=time.time(),
+                                           accel=accel)
+            runtime.write_record(paths, record)
+        except BaseException as exc:
+            # A QEMU nothing knows of (no reaper, no guest.json) must not outlive the launch:
+            # exiting later, it would unlink the qmp.sock of the next guest of this name.
+            if not await kill_and_reap(process, KILL_WAIT_S):
+                log.error("QEMU of %s (pid %s) survived SIGKILL for %s s", spec.name, process.pid, KILL_WAIT_S)
+            if reaper is not None:
+                reaper.release()
+            if isinstance(exc, OSError):
+                raise LaunchError(f"cannot register guest {spec.name} in {paths.dir}: {exc}", argv) from exc
+            raise
         monitor = Monitor(str(paths.qmp_socket), name=spec.name)
         return cls(name=spec.name, spec=spec, monitor=monitor, origin="launched", pid=process.pid,
                    process=process, paths=paths, reaper=reaper, record=record)
@@ -140,7 +155,7 @@ class Guest(GuestBase):
     async def _post_launch(self, boot_timeout_s: float) -> None:
         assert self.spec is not None and self.paths is not None
         await self._wait_for_socket(self.paths.qmp_socket, timeout_s=15.0)
-        await self.monitor.connect()
+        await self._connect_monitor(timeout_s=15.0)
         spec = self.spec
         if spec.memballoon is not None:
             if spec.period_s is not None:
@@ -165,10 +180,16 @@ class Guest(GuestBase):
         libvirt does); a paused VM keeps whatever it has. The guest is never stopped by
         balloonlab unless :meth:`shutdown` is called.
 
+        :param name: the guest's name in runs and frames; else the XML's ``<name>``, else the
+            socket's file name without its suffix. Checked as launch names are
+            (:func:`~balloonlab.qemu.registry.validate_name`).
+        :raises ValueError: the name (given or derived) is not a valid guest name.
         :raises MonitorError: the socket does not answer QMP.
         """
         spec = as_spec(domain) if domain is not None else None
-        label = name or (spec.name if spec else Path(qmp_socket).stem)
+        label = (runtime.validate_name(name) if name is not None
+                 else runtime.validate_name(spec.name, derived_from="the domain XML's <name>") if spec is not None
+                 else runtime.validate_name(Path(qmp_socket).stem, derived_from="the socket's file name"))
         monitor = Monitor(str(qmp_socket), name=label)
         await monitor.connect()
         guest = cls(name=label, spec=spec, monitor=monitor, origin="attached")
@@ -251,13 +272,16 @@ class Guest(GuestBase):
     async def shutdown(self, timeout_s: float = 10.0) -> bool:
         """Stop the guest: QMP ``quit``, wait, then SIGKILL. Cleans its runtime dir.
 
+        :param timeout_s: how long ``quit`` and QEMU's exit may take together (a QEMU that does
+            not answer, e.g. stopped, is killed after it; the kill is bounded too).
         :returns: True when QEMU quit by itself, False when it had to be killed.
         """
         if self._closed:
             return True
+        deadline = Deadline(timeout_s)
         with contextlib.suppress(MonitorError, CommandError):
-            await self.monitor.execute("quit", timeout_s=5.0)
-        graceful = await self._wait_gone(timeout_s)
+            await self.monitor.execute("quit", timeout_s=deadline.left_s)
+        graceful = await self._wait_gone(deadline.left_s)
         if not graceful:
             log.warning("%s did not quit within %s s: killing it", self.name, timeout_s)
         await self._kill()
@@ -278,6 +302,21 @@ class Guest(GuestBase):
         if self._process is not None and self._process.poll() is not None:
             return f"QEMU exited {during} with code {self._process.returncode}"
         return None
+
+    async def _connect_monitor(self, timeout_s: float) -> None:
+        # QEMU creates the socket file before it listens on it: under load a connect can be
+        # refused for a moment. Retry that (only that) while QEMU lives.
+        deadline = Deadline(timeout_s)
+        while True:
+            try:
+                await self.monitor.connect(timeout_s=max(1.0, deadline.left_s))
+                return
+            except MonitorError as exc:
+                if "Connection refused" not in str(exc) or deadline.expired:
+                    raise
+                if (why := self._exited("before its monitor answered")) is not None:
+                    raise LaunchError(why) from exc
+            await asyncio.sleep(0.05)
 
     async def _wait_for_socket(self, path: Path, timeout_s: float) -> None:
         try:
@@ -314,53 +353,39 @@ class Guest(GuestBase):
         await self.monitor.close()
 
     async def _kill(self) -> None:
-        """Make sure QEMU is gone and nothing of it is left: process, reaper, runtime dir."""
+        """Make sure QEMU is gone and nothing of it is left: process, reaper, runtime dir.
+
+        Waits at most :data:`~balloonlab.qemu.reaper.KILL_WAIT_S` for QEMU to exit; one that
+        survives SIGKILL (in D state) keeps its runtime dir, so its name stays taken.
+        """
         await self._disconnect()
+        gone = True
         if self._process is not None:
-            if self._process.poll() is None:
-                self._process.kill()
-            await asyncio.to_thread(self._process.wait)
+            gone = await kill_and_reap(self._process, KILL_WAIT_S)
         elif self.pid is not None and self.paths is not None and runtime.pid_is_guest(self.pid, str(self.paths.dir)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             directory = str(self.paths.dir)
-            if not await wait_until(lambda: not runtime.pid_is_guest(self.pid or 0, directory), 10.0, poll_s=0.02):
-                log.error("%s (pid %s) survived SIGKILL for 10 s", self.name, self.pid)
+            gone = await wait_until(lambda: not runtime.pid_is_guest(self.pid or 0, directory), KILL_WAIT_S,
+                                    poll_s=0.02)
+        if not gone:
+            log.error("%s (pid %s) survived SIGKILL for %s s: its runtime dir %s is kept", self.name,
+                      self.pid, KILL_WAIT_S, self.paths.dir if self.paths else None)
         if self._reaper is not None:
             self._reaper.release()
             self._reaper = None
-        if self.paths is not None:
+        if self.paths is not None and gone:
             runtime.remove_runtime_dir(self.paths.dir)
         self._closed = True
 
     def _exitcode(self) -> int | None:
         return self._process.poll() if self._process is not None else None
 
-    def _output_tail(self, limit: int = 3000) -> str:
-        if self.paths is None:
-            return ""
-        parts = []
-        for label, path in (("qemu", self.paths.qemu_log), ("console", self.paths.console_log)):
-            with contextlib.suppress(OSError):
-                text = path.read_bytes()[-limit:].decode(errors="replace").strip()
-                if text:
-                    parts.append(f"[{label}] {text}")
-        return "\n".join(parts)
+    def _output_tail(self) -> str:
+        return self.paths.output_tail() if self.paths is not None else ""
 
     def __repr__(self) -> str:
         return f"<Guest {self.name} {self.origin} pid={self.pid}{' detached' if self.detached else ''}>"
-
-
-def _check_inputs(spec: DomainSpec, binary: str) -> None:
-    """Refuse a launch whose inputs are missing before any process exists."""
-    if shutil.which(binary) is None:
-        raise LaunchError(f"QEMU binary {binary!r} not found: install it (Debian/Ubuntu: "
-                          "apt-get install qemu-system-x86) or set <emulator> in the domain XML")
-    for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd),
-                       *(("disk", d.source) for d in spec.disks)):
-        if path and not Path(path).is_file() and not Path(path).is_block_device():
-            raise LaunchError(f"{what} {path} of guest {spec.name} does not exist"
-                              + (": run `balloonlab guest build`" if what in ("kernel", "initrd") else ""))
 
 
 def list_guests() -> list[runtime.RegistryEntry]:

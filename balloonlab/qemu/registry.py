@@ -3,25 +3,28 @@
 Every guest gets its own runtime directory (QEMU unlinks its QMP socket path when it exits,
 even if another QEMU created a socket there since, so sharing one would break a neighbour).
 The directory holds ``guest.json`` (pid, argv, domain XML, owner, detached flag): listing the
-directories is the registry a restarted notebook kernel reads to reconnect. Owned guests are
-tied to their owner by a tiny reaper process that holds a pipe from the owner: when the owner
-dies in any way (SIGKILL included) the pipe closes and the reaper stops QEMU. Unlike
-PR_SET_PDEATHSIG this does not depend on which thread spawned QEMU, and it can be released to
-detach a running guest later.
+directories is the registry a restarted notebook kernel reads to reconnect, so the root must
+be private (:func:`runtime_root` refuses one that is not). Owned guests are tied to their
+owner by a tiny reaper process (:mod:`balloonlab.qemu.reaper`) that holds a pipe from the
+owner: when the owner dies in any way (SIGKILL included) the pipe closes and the reaper stops
+QEMU. Unlike PR_SET_PDEATHSIG this does not depend on which thread spawned QEMU, and it can
+be released to detach a running guest later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from balloonlab.model.errors import GuestNameInUse
+from balloonlab.model.errors import BalloonLabError, GuestNameInUse
 from balloonlab.model.files import atomic_write_json
 from balloonlab.model.procfs import process_args
 
@@ -31,25 +34,61 @@ _SUN_PATH_MAX = 107
 
 def runtime_root() -> Path:
     """The folder of all guests' runtime dirs: ``$BALLOONLAB_RUNTIME_DIR``, else
-    ``$XDG_RUNTIME_DIR/balloonlab``, else ``/tmp/balloonlab-<uid>``."""
+    ``$XDG_RUNTIME_DIR/balloonlab``, else ``/tmp/balloonlab-<uid>``.
+
+    Created 0700 when missing. An existing one is trusted only when it is a directory owned
+    by this user that nobody else may write (as ssh-agent and tmux check theirs): another user
+    who made ``/tmp/balloonlab-<uid>`` first could otherwise read the sockets' paths, swap
+    them, or plant a ``guest.json`` for :meth:`Guest.reconnect` to follow.
+
+    :raises BalloonLabError: the folder is someone else's or group/world writable; the
+        message says how to fix it.
+    """
     if env := os.environ.get("BALLOONLAB_RUNTIME_DIR"):
         root = Path(env)
     elif env := os.environ.get("XDG_RUNTIME_DIR"):
         root = Path(env) / "balloonlab"
     else:
         root = Path("/tmp") / f"balloonlab-{os.getuid()}"
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # a non-directory is refused just below
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private_dir(root)
     return root
 
 
-def validate_name(name: str) -> str:
-    """Guest names become directory names and socket paths: keep them short and plain.
+def check_private_dir(path: Path) -> None:
+    """Refuse a runtime folder that is not a directory owned by us with no group/world write.
 
+    :raises BalloonLabError: what is wrong with it, and what to do.
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise BalloonLabError(f"cannot use runtime dir {path}: {exc.strerror}") from exc
+    uid = os.geteuid()
+    fix = ("set BALLOONLAB_RUNTIME_DIR to a directory of your own (mode 0700), or remove "
+           f"{path} if nothing of yours is in it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise BalloonLabError(f"runtime dir {path} is not a directory: {fix}")
+    if st.st_uid != uid:
+        raise BalloonLabError(f"runtime dir {path} belongs to uid {st.st_uid}, not to you (uid {uid}): "
+                              f"refusing to keep guest sockets there; {fix}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BalloonLabError(f"runtime dir {path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                              f"refusing to keep guest sockets there; chmod 700 {path}, or {fix}")
+
+
+def validate_name(name: str, *, derived_from: str | None = None) -> str:
+    """Guest names become directory names, socket paths and run partitions: keep them short
+    and plain.
+
+    :param derived_from: where a name the caller did not give came from (for the message).
     :raises ValueError: empty, too long, or with characters other than ``A-Za-z0-9_.-``.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"guest name {name!r} must be 1-48 characters of A-Z a-z 0-9 _ . - "
-                         "and start with a letter or digit")
+                         "and start with a letter or digit"
+                         + (f"; it was taken from {derived_from}: pass name=... instead" if derived_from else ""))
     return name
 
 
@@ -97,6 +136,16 @@ class RuntimePaths:
     @property
     def record(self) -> Path:
         return self.dir / "guest.json"
+
+    def output_tail(self, limit: int = 3000) -> str:
+        """The end of QEMU's own output and of the guest's console, for a LaunchError."""
+        parts = []
+        for label, path in (("qemu", self.qemu_log), ("console", self.console_log)):
+            with contextlib.suppress(OSError):
+                text = path.read_bytes()[-limit:].decode(errors="replace").strip()
+                if text:
+                    parts.append(f"[{label}] {text}")
+        return "\n".join(parts)
 
 
 def claim_runtime_dir(name: str) -> RuntimePaths:
@@ -161,10 +210,20 @@ def pid_is_guest(pid: int, runtime_dir: str) -> bool:
     args = process_args(pid)
     if args is None:
         return False
-    # The dir appears inside options (unix:DIR/qmp.sock,server=on): match it as a whole
-    # path component, so guest g1 is never mistaken for g10.
-    needle = runtime_dir.rstrip("/").encode() + b"/"
+    needle = cmdline_marker(runtime_dir).encode()
     return any(needle in arg for arg in args)
+
+
+def cmdline_marker(runtime_dir: str | os.PathLike[str]) -> str:
+    """What identifies a guest's QEMU in its argv: ``=<runtime dir>/``, as in
+    ``path=DIR/qmp.sock``.
+
+    Every path balloonlab gives QEMU is an option value after ``=`` (commas doubled, QEMU's
+    escape), so requiring the ``=`` before and the ``/`` after makes this a whole-path match:
+    guest ``g1`` is never mistaken for ``g10``, nor ``/tmp/x`` for ``/a/tmp/x``. The reaper
+    matches the same string (:mod:`balloonlab.qemu.reaper`).
+    """
+    return "=" + str(runtime_dir).rstrip("/").replace(",", ",,") + "/"
 
 
 def remove_runtime_dir(directory: Path) -> None:
