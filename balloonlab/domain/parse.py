@@ -27,15 +27,28 @@ from balloonlab.model.errors import DomainXMLError
 from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S
 from balloonlab.model.units import unit_factor
 
+#: libvirt's largest memory size in bytes: it refuses 2^53 KiB and more ("numerical overflow").
+LIBVIRT_MAX_MEMORY_BYTES = (2**53 - 1) * 1024
+
 
 def _tag(node: etree._Element) -> str:
     localname: str = etree.QName(node).localname
     return localname
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut short: values in messages come from the document, of any length."""
+    return _short(repr(value), limit)
+
+
 def _fail(message: str, node: etree._Element | None = None, element: str | None = None) -> NoReturn:
+    element = element or (_tag(node) if node is not None else None)
     raise DomainXMLError(message, line=node.sourceline if node is not None else None,
-                         element=element or (_tag(node) if node is not None else None))
+                         element=_short(element) if element is not None else None)
 
 
 def _text(node: etree._Element | None) -> str | None:
@@ -58,8 +71,12 @@ def _memory(node: etree._Element, *, allow_zero: bool = False) -> int:
         _fail(str(exc), node)
     text = node.text or ""
     if not _DECIMAL.match(text) or (int(text) == 0 and not allow_zero):
-        _fail(f"<{_tag(node)}> must be a positive integer number of {unit}, got {text.strip()!r}", node)
-    return _round_up_kib(int(text) * factor)
+        _fail(f"<{_tag(node)}> must be a positive integer number of {unit}, got {_shown(text.strip())}", node)
+    nbytes = _round_up_kib(int(text) * factor)
+    if nbytes > LIBVIRT_MAX_MEMORY_BYTES:
+        _fail(f"<{_tag(node)}> of {text.strip()} {unit} is too large; libvirt accepts at most "
+              f"{LIBVIRT_MAX_MEMORY_BYTES // 1024} KiB (8 EiB less 1 KiB)", node)
+    return nbytes
 
 
 def _onoff(node: etree._Element, attr: str) -> bool | None:
@@ -67,17 +84,17 @@ def _onoff(node: etree._Element, attr: str) -> bool | None:
     if value is None:
         return None
     if value not in _ONOFF:
-        _fail(f"{attr}={value!r} is not valid; expected 'on' or 'off'", node)
+        _fail(f"{attr}={_shown(value)} is not valid; expected 'on' or 'off'", node)
     return _ONOFF[value]
 
 
 def _address_number(node: etree._Element, attr: str, limit: int) -> int:
     text = node.get(attr, "0").strip()
     if not _C_UINT.match(text):
-        _fail(f"address {attr}={text!r} is not a number; expected decimal like '18' or hex like '0x12'", node)
+        _fail(f"address {attr}={_shown(text)} is not a number; expected decimal like '18' or hex like '0x12'", node)
     value = int(text, 16) if text[:2].lower() == "0x" else int(text, 8 if text.startswith("0") else 10)
     if value > limit:
-        _fail(f"address {attr}={text!r} is out of range; expected at most {limit:#x}", node)
+        _fail(f"address {attr}={_shown(text)} is out of range; expected at most {limit:#x}", node)
     return value
 
 
@@ -96,7 +113,7 @@ def _period(node: etree._Element | None) -> int | None:
         return None
     text = node.get("period")
     if text is None or not _DECIMAL.match(text) or int(text) > LIBVIRT_MAX_PERIOD_S:
-        _fail(f"stats period={text!r} is not valid; expected a whole number of seconds "
+        _fail(f"stats period={_shown(text)} is not valid; expected a whole number of seconds "
               f"from 0 (disabled) to {LIBVIRT_MAX_PERIOD_S}", node)
     return int(text)
 
@@ -111,11 +128,11 @@ def _memballoon(nodes: list[etree._Element], domain_type: str) -> MemballoonSpec
     if model == "none":
         return None
     if model not in BALLOON_MODELS:
-        _fail(f"unknown memballoon model {model!r}; expected one of {', '.join(BALLOON_MODELS)} or none", node)
+        _fail(f"unknown memballoon model {_shown(model)}; expected one of {', '.join(BALLOON_MODELS)} or none", node)
     alias_node = node.find("alias")
     alias = alias_node.get("name") if alias_node is not None else None
     if alias_node is not None and (alias is None or not _QEMU_ID.match(alias)):
-        _fail(f"alias name={alias!r} is not a valid QEMU device id; expected a letter then "
+        _fail(f"alias name={_shown(alias)} is not a valid QEMU device id; expected a letter then "
               "letters, digits, '-', '.' or '_'", alias_node)
     driver = node.find("driver")
     options = () if driver is None else tuple(
@@ -143,7 +160,7 @@ def _serial(node: etree._Element, index: int) -> SerialSpec:
     target, source = node.find("target"), node.find("source")
     port = target.get("port") if target is not None else None
     if port is not None and not _DECIMAL.match(port):
-        _fail(f"serial target port={port!r} is not valid; expected a whole number", target)
+        _fail(f"serial target port={_shown(port)} is not valid; expected a whole number", target)
     return SerialSpec(type=node.get("type", "pty"), port=int(port) if port is not None else index,
                       path=source.get("path") if source is not None else None)
 
@@ -154,7 +171,7 @@ def _agent(root: etree._Element) -> bool:
     if guest is None:
         return False
     if guest.get("agent") != "serial1":
-        _fail(f"balloonlab:guest agent={guest.get('agent')!r} is not supported; expected 'serial1'", guest)
+        _fail(f"balloonlab:guest agent={_shown(guest.get('agent'))} is not supported; expected 'serial1'", guest)
     return True
 
 
@@ -163,7 +180,7 @@ def _vcpus(root: etree._Element) -> int:
     if node is None:
         return 1
     if not _DECIMAL.match(node.text or "") or int(node.text) == 0:
-        _fail(f"<vcpu> must be a positive integer, got {(node.text or '').strip()!r}", node)
+        _fail(f"<vcpu> must be a positive integer, got {_shown((node.text or '').strip())}", node)
     return int(node.text)
 
 
@@ -228,7 +245,11 @@ def _device_fields(devices: etree._Element | None, domain_type: str) -> _DeviceF
 
 def _parse_root(text: str | bytes) -> tuple[etree._Element, str]:
     if isinstance(text, str):  # the str is already decoded: ignore any encoding= declaration
-        data, parser_encoding = text.encode("utf-8"), "utf-8"
+        try:
+            data, parser_encoding = text.encode("utf-8"), "utf-8"
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from os.fsdecode of bad bytes
+            raise DomainXMLError(f"not valid Unicode text (a lone surrogate {text[exc.start]!r}); expected a "
+                                 "libvirt <domain> document", line=text.count("\n", 0, exc.start) + 1) from None
     elif isinstance(text, (bytes, bytearray)):
         data, parser_encoding = bytes(text), None
     else:
@@ -239,7 +260,9 @@ def _parse_root(text: str | bytes) -> tuple[etree._Element, str]:
     try:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        raise DomainXMLError(f"not well-formed XML ({exc.msg}); expected a libvirt <domain> document",
+        # libxml2's messages may end in a newline or quote a whole line: keep them one short line.
+        reason = _short(" ".join(str(exc.msg).split()), 200)
+        raise DomainXMLError(f"not well-formed XML ({reason}); expected a libvirt <domain> document",
                              line=exc.lineno) from None
     docinfo = root.getroottree().docinfo
     source = text if isinstance(text, str) else data.decode(docinfo.encoding or "utf-8", "replace")
@@ -254,7 +277,7 @@ def parse_domain_xml(text: str | bytes) -> DomainSpec:
     """Parse libvirt domain XML.
 
     Only local disks (``<source file=|dev=>``) are kept; ``currentMemory`` of 0 or above
-    ``memory`` becomes ``memory``, as libvirt does.
+    ``memory`` becomes ``memory``, and sizes of 2^53 KiB or more are refused, as libvirt does.
 
     :param text: the XML document (str, or bytes honouring its encoding declaration).
     :raises DomainXMLError: for XML that is not well formed or that libvirt would refuse
@@ -263,7 +286,7 @@ def parse_domain_xml(text: str | bytes) -> DomainSpec:
     """
     root, source = _parse_root(text)
     if root.tag != "domain":
-        _fail(f"the root element is <{root.tag}>; expected <domain>", root)
+        _fail(f"the root element is <{_short(root.tag)}>; expected <domain>", root)
     domain_type = root.get("type")
     if not domain_type:
         _fail("<domain> has no type attribute; expected e.g. type='qemu' or type='kvm'", root)

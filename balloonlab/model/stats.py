@@ -10,6 +10,7 @@ by line, but it is a view: balloonlab never stores libvirt's names or units.
 
 from __future__ import annotations
 
+import reprlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,10 +22,22 @@ from balloonlab.model.schema import FROM_LIBVIRT, LIBVIRT_ROWS, stat_name
 UNSET = 2**64 - 1
 
 def clean_value(value: object) -> int | None:
-    """QEMU's number, or None for the unset sentinel (2^64-1 or -1) and non-integers."""
-    if type(value) is not int or value == UNSET or value < 0:
+    """QEMU's number, or None for the unset sentinel (2^64-1 or -1) and for what cannot be a
+    QEMU stat: non-integers (bool included), negatives and integers beyond uint64."""
+    if type(value) is not int or not 0 <= value < UNSET:
         return None
     return value
+
+
+# Replies are outside input: messages show them through reprlib, which bounds depth and length
+# (repr() of a deeply nested reply raises RecursionError).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxlong = 3, 4, 4, 24, 24
+
+
+def _shown(value: object, limit: int = 200) -> str:
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -80,13 +93,17 @@ def parse_guest_stats(reply: dict[str, object], *, actual: int | None = None,
                       read_time: float | None = None, resets: int = 0) -> BalloonStats:
     """Build a :class:`BalloonStats` from QEMU's ``guest-stats`` reply (``new`` left False).
 
-    :raises ValueError: when the reply does not have QEMU's shape.
+    :raises ValueError: when the reply does not have QEMU's shape (an object with a ``stats``
+        object keyed by stat names, and ``last-update``).
     """
     if not isinstance(reply, dict) or "stats" not in reply or "last-update" not in reply:
-        raise ValueError(f"guest-stats reply has no 'stats'/'last-update': {reply!r}")
+        raise ValueError(f"guest-stats reply has no 'stats'/'last-update': {_shown(reply)}")
     raw = reply["stats"]
     if not isinstance(raw, dict):
-        raise ValueError(f"guest-stats 'stats' is not an object: {raw!r}")
+        raise ValueError(f"guest-stats 'stats' is not an object: {_shown(raw)}")
+    if not all(isinstance(key, str) for key in raw):
+        bad = next(key for key in raw if not isinstance(key, str))
+        raise ValueError(f"guest-stats 'stats' has a key that is not a stat name: {_shown(bad)}")
     last_update = clean_value(reply["last-update"]) or None
     return BalloonStats(
         read_time=time.time() if read_time is None else read_time,

@@ -18,47 +18,67 @@ UNITS: dict[str, int] = {
     "TB": 10**12, "T": 2**40, "TiB": 2**40,
 }
 _UNIT_HELP = "b, bytes, KB, k, KiB, MB, M, MiB, GB, G, GiB, TB, T, TiB"
-_SIZE_RE = re.compile(r"^\s*(-?)(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+# [0-9], not \d: \d also matches other scripts' digits ("\u0663" is an Arabic-Indic 3), which
+# int() would read, but libvirt and QEMU would not.
+_SIZE_RE = re.compile(r"\s*(-?)([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*\Z")
+#: More digits than any size needs (2^64 has 20; one byte in TiB has 40 after the point).
+MAX_DIGITS = 60
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut short for an error message (sizes come from users and files)."""
+    if isinstance(value, int) and value.bit_length() > 128:  # str() refuses ints of > 4300 digits
+        return f"a {value.bit_length()}-bit integer"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def unit_factor(unit: str) -> int:
     """Bytes per ``unit`` (libvirt's table; ``k``/``K`` and ``M`` etc. are binary).
 
     :raises ValueError: for a unit libvirt does not accept (e.g. ``"Mb"``, ``"mib"``).
+    :raises TypeError: for a unit that is not a str.
     """
+    if not isinstance(unit, str):
+        raise TypeError(f"a memory unit must be a str like 'MiB', got {type(unit).__name__}")
     try:
         return UNITS[unit]
     except KeyError:
-        raise ValueError(f"unknown memory unit {unit!r}; expected one of: {_UNIT_HELP}") from None
+        raise ValueError(f"unknown memory unit {_shown(unit)}; expected one of: {_UNIT_HELP}") from None
 
 
 def parse_size(value: int | str, default_unit: str = "b") -> int:
     """Parse a size such as ``268435456``, ``"256M"``, ``"1.5GiB"`` or ``"512 MB"`` to bytes.
 
-    A bare number uses ``default_unit``. Fractions are allowed when they make whole bytes.
+    A string is an optional ``-`` (only for zero), ASCII digits with an optional ``.`` and
+    more digits (at most :data:`MAX_DIGITS` in all), then an optional unit of libvirt's table
+    (:data:`UNITS`), with any whitespace around them. A bare number uses ``default_unit``.
+    Fractions are allowed when they make whole bytes.
 
-    :raises TypeError: for anything but an int or str (bool included).
+    :raises TypeError: for anything but an int or str (bool included), or a non-str unit.
     :raises ValueError: for a negative or malformed size or an unknown unit.
     """
     if type(value) is int:
         if value < 0:
-            raise ValueError(f"size must not be negative, got {value}")
+            raise ValueError(f"size must not be negative, got {_shown(value)}")
         return value * unit_factor(default_unit)
     if not isinstance(value, str):
         raise TypeError(f"size must be an int (bytes) or a string like '256M', got {type(value).__name__}")
     match = _SIZE_RE.match(value)
     if not match:
-        raise ValueError(f"cannot read size {value!r}; expected a number with an optional unit, like '256M'")
+        raise ValueError(f"cannot read size {_shown(value)}; expected a number with an optional unit, like '256M'")
     sign, number, unit = match.groups()
-    if sign and float(number) != 0:
-        raise ValueError(f"size must not be negative, got {value!r}")
+    if len(number.replace(".", "")) > MAX_DIGITS:
+        raise ValueError(f"size {_shown(value)} has more than {MAX_DIGITS} digits; expected a size like '256M'")
+    if sign and number.strip("0.") != "":
+        raise ValueError(f"size must not be negative, got {_shown(value)}")
     factor = unit_factor(unit or default_unit)
     if "." in number:
         whole, frac = number.split(".")
         numerator = int(whole + frac) * factor
         denominator: int = 10 ** len(frac)  # int ** int is Any to mypy (negative powers are floats)
         if numerator % denominator:
-            raise ValueError(f"size {value!r} is not a whole number of bytes")
+            raise ValueError(f"size {_shown(value)} is not a whole number of bytes")
         return numerator // denominator
     return int(number) * factor
 
