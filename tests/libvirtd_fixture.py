@@ -1,5 +1,7 @@
 """A libvirt daemon for the libvirt backend's tests, and cleanup of their domains.
 
+libvirt-python and libvirtd are required components: without either, these tests fail with
+how to install it (``make test`` installs both), never skip.
 ``libvirtd`` (session scope) starts libvirtd through ``scripts/libvirtd start`` when nothing
 answers on qemu:///system, and stops it at the end of the session only if it started it.
 ``libvirt_domains`` (per test) yields a name factory and, after the test, destroys and
@@ -32,6 +34,23 @@ def _answers() -> bool:
     return done.returncode == 0
 
 
+#: What a missing libvirt-python says: ``make test`` installs it with the rest of ``.venv``.
+INSTALL_LIBVIRT_PYTHON = ("libvirt-python is not installed, and the libvirt backend's tests need it: run `make test` "
+                          "(it installs it), or .venv/bin/pip install -e '.[libvirt]' (builds against libvirt-dev "
+                          "and pkg-config: make system-packages)")
+
+
+def require_libvirt_python() -> None:
+    """Fail (never skip) when libvirt-python cannot be imported, saying how to install it."""
+    try:
+        import libvirt  # noqa: F401
+    except ImportError as exc:
+        missing = f"{INSTALL_LIBVIRT_PYTHON}\n(import libvirt: {exc})"
+    else:
+        return
+    pytest.fail(missing, pytrace=False)
+
+
 def domain_name() -> str:
     """A fresh test domain name (``blv-<pid>-<n>``)."""
     return f"{PREFIX}{os.getpid()}-{next(_names)}"
@@ -40,7 +59,7 @@ def domain_name() -> str:
 @pytest.fixture(scope="session")
 def libvirtd():
     """qemu:///system answering; started by this session (and stopped after it) if needed."""
-    pytest.importorskip("libvirt", reason="libvirt-python missing: pip install -e '.[libvirt]'")
+    require_libvirt_python()
     if shutil.which("libvirtd") is None and not Path("/usr/sbin/libvirtd").exists():
         pytest.fail("libvirtd is not installed: make system-packages (libvirt-daemon-system libvirt-clients)")
     started = False

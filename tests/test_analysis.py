@@ -1,4 +1,9 @@
-"""Analyses and the ``df.balloon`` accessor on synthetic frames with the sampler's dtypes."""
+"""Analyses and the ``df.balloon`` accessor on frames built by the sampler's own buffers.
+
+Every frame here comes out of :func:`balloonlab.record.buffer.sample_buffer` /
+:func:`~balloonlab.record.buffer.event_buffer` (``.append`` row by row, then ``.frame()``),
+as the sampler builds them, so the analyses see the sampler's columns and dtypes, not a copy.
+"""
 
 from __future__ import annotations
 
@@ -9,59 +14,85 @@ import pytest
 
 import balloonlab.analysis.accessor  # noqa: F401  (registers df.balloon)
 from balloonlab.analysis import memory_held_vs_available, retouch_cost, step_response, summary
+from balloonlab.model.schema import STAT_NAMES
 from balloonlab.model.stats import BalloonStats, libvirt_view
+from balloonlab.record.buffer import event_buffer, sample_buffer
 
 MiB = 1 << 20
 T0 = pd.Timestamp("2024-05-01 12:00:00", tz="UTC")
-STATS = ("swap_in", "swap_out", "major_faults", "minor_faults", "free_memory", "total_memory",
-         "available_memory", "disk_caches", "htlb_pgalloc", "htlb_pgfail")
-INTS = (*STATS, "actual", "target", "period_s", "rss")
-KINDS = ["balloon_change", "target", "period", "workload", "reset", "launch", "shutdown", "error"]
+#: T0 in epoch seconds: QEMU's last_update is whole host seconds.
+T0_S = T0.value // 10**9
+
+
+def _ns(seconds: float) -> int:
+    """Epoch ns ``seconds`` after T0, as the sampler stamps a row (``int(read_time * 1e9)``)."""
+    return T0.value + round(seconds * 1e9)
 
 
 def at(seconds: float) -> pd.Timestamp:
-    return T0 + pd.Timedelta(seconds=seconds)
+    return pd.Timestamp(_ns(seconds), tz="UTC")
 
 
-def samples_frame(rows: list[dict], *, drop: tuple[str, ...] = (),
-                  extra: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A samples frame as the sampler writes it. Each row: ``t`` (s after T0), ``guest``,
-    ``lu`` (last_update, s after T0, None for NaT) and any stat; missing values are NA."""
-    index = pd.DatetimeIndex([at(r["t"]) for r in rows], name="time", dtype="datetime64[ns, UTC]")
-    data: dict[str, object] = {
-        "guest": pd.Categorical([r["guest"] for r in rows]),
-        "last_update": pd.array([at(r["lu"]) if r.get("lu") is not None else pd.NaT for r in rows],
-                                dtype="datetime64[ns, UTC]"),
-    }
-    for name in (*INTS, *extra):
-        data[name] = pd.array([r.get(name, pd.NA) for r in rows], dtype="Int64")
-    data["age_s"] = pd.array([r.get("age_s", pd.NA) for r in rows], dtype="Float64")
-    data["reset"] = pd.array([r.get("reset", False) for r in rows], dtype=bool)
-    frame = pd.DataFrame(data, index=index).drop(columns=list(drop))
+def samples_frame(rows: list[dict], *, drop: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A samples frame from the sampler's buffer: each row appended in the order given (the
+    order the sampler's reads complete), then ``.frame()``.
+
+    Each row: ``t`` (read time, s after T0), ``guest``, ``lu`` (last_update, whole s after
+    T0; absent or None: the guest never reported) and any sampler column (a stat, ``actual``,
+    ``target``, ``period_s``, ``rss``, ``age_s``, ``reset``, or a stat the buffer has not
+    seen, which becomes a new column); what a row leaves out is NA, as in the sampler's rows.
+    ``drop`` removes columns afterwards: a frame of a run that never had them.
+    """
+    buffer = sample_buffer()
+    for r in rows:
+        row = {k: v for k, v in r.items() if k not in ("t", "lu")}
+        if r.get("lu") is not None:
+            assert isinstance(r["lu"], int), "QEMU's last_update is whole seconds"
+            row["last_update"] = T0_S + r["lu"]
+        buffer.append(_ns(r["t"]), row)
+    frame = buffer.frame().drop(columns=list(drop))
     assert str(frame.index.dtype) == "datetime64[ns, UTC]"
     return frame
 
 
 def events_frame(rows: list[tuple]) -> pd.DataFrame:
-    """An events frame: rows of ``(t, guest, kind, value=None, duration_s=None, detail=None)``."""
-    rows = [(*r, *([None] * (6 - len(r)))) for r in rows]
-    index = pd.DatetimeIndex([at(r[0]) for r in rows], name="time", dtype="datetime64[ns, UTC]")
-    return pd.DataFrame({
-        "guest": pd.Categorical([r[1] for r in rows]),
-        "kind": pd.Categorical([r[2] for r in rows], categories=KINDS),
-        "value": pd.array([pd.NA if r[3] is None else r[3] for r in rows], dtype="Int64"),
-        "duration_s": pd.array([pd.NA if r[4] is None else r[4] for r in rows], dtype="Float64"),
-        "detail": pd.array([r[5] for r in rows], dtype="string"),
-    }, index=index)
+    """An events frame from the sampler's event buffer: rows of ``(t, guest, kind, value=None,
+    duration_s=None, detail="")``, appended as ``Sampler.record_event`` appends them."""
+    buffer = event_buffer()
+    for t, guest, kind, *rest in rows:
+        value, duration_s, detail = (*rest, None, None, None)[:3]
+        buffer.append(_ns(t), {"guest": guest, "kind": kind, "value": value, "duration_s": duration_s,
+                               "detail": "" if detail is None else detail})
+    return buffer.frame()
+
+
+def test_frames_come_from_the_sampler_buffer_with_its_dtypes():
+    samples = samples_frame([{"t": 0, "guest": "b", "lu": 0, "actual": 512 * MiB, "oom_kills": 1},
+                             {"t": 1.5, "guest": "a", "actual": 256 * MiB, "age_s": 0.25}])
+    assert list(samples.columns[:2]) == ["guest", "last_update"]
+    assert list(samples.columns[2:2 + len(STAT_NAMES)]) == list(STAT_NAMES)
+    assert list(samples.columns[2 + len(STAT_NAMES):]) == ["actual", "target", "period_s", "rss", "age_s",
+                                                           "reset", "oom_kills"]
+    assert samples.index.tolist() == [at(0), at(1.5)] and samples.index.name == "time"
+    assert list(samples["guest"].cat.categories) == ["a", "b"] and samples["guest"].tolist() == ["b", "a"]
+    assert samples["last_update"].iloc[0] == T0 and pd.isna(samples["last_update"].iloc[1])
+    assert str(samples["last_update"].dtype) == "datetime64[ns, UTC]"
+    assert {str(samples[c].dtype) for c in (*STAT_NAMES, "actual", "target", "oom_kills")} == {"Int64"}
+    assert samples["actual"].tolist() == [512 * MiB, 256 * MiB] and samples["free_memory"].isna().all()
+    assert str(samples["age_s"].dtype) == "Float64" and samples["age_s"].iloc[1] == 0.25
+    assert samples["reset"].tolist() == [False, False]
+    events = events_frame([(0.5, "a", "target", 256 * MiB), (0.75, "a", "workload", 64 * MiB, 0.5, "alloc 64 MiB")])
+    assert list(events.columns) == ["guest", "kind", "value", "duration_s", "detail"]
+    assert list(events["kind"].cat.categories) == ["target", "workload"]  # kinds seen, sorted
+    assert events["detail"].tolist() == ["", "alloc 64 MiB"] and pd.isna(events["duration_s"].iloc[0])
 
 
 def test_libvirt_view_names_units_and_order_match_virsh():
-    row = {"t": 0, "guest": "a", "lu": 0.75, "actual": 512 * MiB + 1023, "swap_in": 1023,
+    row = {"t": 0.75, "guest": "a", "lu": 0, "actual": 512 * MiB + 1023, "swap_in": 1023,
            "swap_out": 2048, "major_faults": 7, "minor_faults": 1023, "free_memory": 100 * 1024 + 1023,
            "total_memory": 480 * MiB, "available_memory": 300 * MiB, "disk_caches": 5000,
            "htlb_pgalloc": 3, "rss": 1023, "oom_kills": 2}
-    frame = samples_frame([row, {"t": 1, "guest": "a", "actual": 1024}], drop=("htlb_pgfail",),
-                          extra=("oom_kills",))
+    frame = samples_frame([row, {"t": 1, "guest": "a", "actual": 1024}], drop=("htlb_pgfail",))
     view = frame.balloon.libvirt()
     assert list(view.columns) == ["guest", "actual", "swap_in", "swap_out", "major_fault",
                                   "minor_fault", "unused", "available", "usable", "last_update",
@@ -71,27 +102,76 @@ def test_libvirt_view_names_units_and_order_match_virsh():
     assert first["major_fault"] == 7 and first["minor_fault"] == 1023  # counts unchanged
     assert first["unused"] == 100 and first["available"] == 480 * 1024 and first["usable"] == 300 * 1024
     assert first["disk_caches"] == 4 and first["rss"] == 0  # 1023 bytes -> 0 KiB
-    assert first["last_update"] == int(T0.timestamp())  # epoch seconds, truncated
+    assert first["last_update"] == T0_S  # epoch seconds
     assert pd.isna(first["hugetlb_pgfail"])  # not in the frame: NA, like libvirt leaving it out
     assert view.iloc[1]["last_update"] == 0 and view.iloc[1]["actual"] == 1
     assert view.index.equals(frame.index) and view["guest"].tolist() == ["a", "a"]
     # Same numbers as the per-sample libvirt_view in balloonlab.model.stats.
-    stats = {k: row[k] for k in STATS if k in row}
-    expected = libvirt_view(BalloonStats(0.0, int(T0.timestamp()), stats, row["actual"]), row["rss"])
+    stats = {k: row[k] for k in STAT_NAMES if k in row}
+    expected = libvirt_view(BalloonStats(0.75, T0_S, stats, row["actual"]), row["rss"])
     assert {k: int(v) for k, v in first.drop("guest").dropna().items()} == expected
 
 
-def test_used_puts_four_definitions_side_by_side():
-    frame = samples_frame([
+def _used_frame() -> pd.DataFrame:
+    """Guest a every second (free_memory missing at t=3), guest b in between, in read order."""
+    return samples_frame([
         {"t": 0, "guest": "a", "actual": 1000, "free_memory": 300, "total_memory": 900,
          "available_memory": 500, "rss": 1200},
-        {"t": 0, "guest": "b", "actual": 2000, "free_memory": 1500, "rss": 800},
+        {"t": 0.5, "guest": "b", "actual": 2000, "free_memory": 1500, "rss": 800},
+        {"t": 1, "guest": "a", "actual": 1000, "free_memory": 100, "total_memory": 900,
+         "available_memory": 450, "rss": 1250},
+        {"t": 2, "guest": "a", "actual": 700, "free_memory": 100, "total_memory": 600,
+         "available_memory": 300, "rss": 1000},
+        {"t": 2.5, "guest": "b", "actual": 2000, "free_memory": 1200},
+        {"t": 3, "guest": "a", "actual": 700, "total_memory": 600, "available_memory": 250},
+        {"t": 4, "guest": "a", "actual": 400, "free_memory": 40, "total_memory": 300,
+         "available_memory": 100, "rss": 900},
     ])
+
+
+def test_used_per_sample_definitions_by_hand():
+    frame = _used_frame()
     used = frame.balloon.used()
     assert list(used.columns) == ["guest", "virt_manager", "exporter", "host_rss", "mom"]
-    assert used.iloc[0][["virt_manager", "exporter", "host_rss", "mom"]].tolist() == [700, 400, 1200, 700]
-    assert used.iloc[1]["virt_manager"] == 500 and pd.isna(used.iloc[1]["exporter"])
-    assert str(used["exporter"].dtype) == "Int64"
+    assert used.index.equals(frame.index) and used["guest"].tolist() == ["a", "b", "a", "a", "b", "a", "a"]
+    assert {c: str(used[c].dtype) for c in used.columns[1:]} == {
+        "virt_manager": "Int64", "exporter": "Int64", "host_rss": "Int64", "mom": "Float64"}
+    # actual - free_memory; total_memory - available_memory; rss. NA where a term is missing.
+    assert used["virt_manager"].tolist() == [700, 500, 900, 600, 800, pd.NA, 360]
+    assert used["exporter"].tolist() == [400, pd.NA, 450, 300, pd.NA, 350, 200]
+    assert used["host_rss"].tolist() == [1200, 800, 1250, 1000, pd.NA, pd.NA, 900]
+
+
+def test_used_mom_is_moms_moving_average_by_hand():
+    # MOM's samples of guest a are its complete rows: (actual, free) = (1000, 300) t0,
+    # (1000, 100) t1, (700, 100) t2, (400, 40) t4; t3 lacks free_memory: NA, and no place
+    # in the window. Guest b: (2000, 1500), (2000, 1200). mom = mean(actual) - mean(free).
+    frame = _used_frame()
+    rows = {"a": [0, 2, 3, 5, 6], "b": [1, 4]}
+
+    def mom(window: int) -> dict[str, list]:
+        column = frame.balloon.used(mom_window=window)["mom"]
+        return {g: [column.iloc[i] for i in where] for g, where in rows.items()}
+
+    by_default = mom(10)  # MOM's sample-history-length: the whole history here
+    assert by_default["a"][:2] == [1000 - 300, 1000 - (300 + 100) / 2]
+    assert by_default["a"][2] == pytest.approx((1000 + 1000 + 700) / 3 - (300 + 100 + 100) / 3, rel=1e-12)
+    assert pd.isna(by_default["a"][3])
+    assert by_default["a"][4] == (1000 + 1000 + 700 + 400) / 4 - (300 + 100 + 100 + 40) / 4 == 640
+    assert by_default["b"] == [500, 2000 - (1500 + 1200) / 2]
+    assert mom(10) == mom(4)  # guest a has 4 complete rows: a window of 4 holds them all
+    three = mom(3)
+    assert three["a"][4] == (1000 + 700 + 400) / 3 - (100 + 100 + 40) / 3 == 620  # t0 left the window
+    two = mom(2)
+    assert two["a"][1:3] == [1000 - (300 + 100) / 2, (1000 + 700) / 2 - (100 + 100) / 2]
+    assert two["a"][4] == (700 + 400) / 2 - (100 + 40) / 2 == 480  # t2 and t4: t3 is skipped
+    assert mom(1) == {"a": [700, 900, 600, pd.NA, 360], "b": [500, 800]}
+    # Rows in any order give each row its own value: the window follows time, per guest.
+    shuffled = frame.iloc[[6, 1, 3, 0, 5, 4, 2]]
+    assert shuffled.balloon.used()["mom"].tolist() == frame.balloon.used()["mom"].iloc[[6, 1, 3, 0, 5, 4, 2]].tolist()
+    for bad in (0, -1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="mom_window"):
+            frame.balloon.used(mom_window=bad)
 
 
 def test_rates_per_guest_with_reset_row_and_time_fallback():

@@ -1,4 +1,4 @@
-"""Plots of synthetic runs: one axes per guest, labelled lines, live updates, PNG output."""
+"""Plots of runs built by the sampler's buffers: one axes per guest, labelled lines, live updates, PNG."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def run(seconds: int = 30) -> tuple[pd.DataFrame, pd.DataFrame]:
         actual = 512 * MiB if t < 6 else 256 * MiB
         held = 0 if t < 12 else 128 * MiB
         rows.append({"t": t, "guest": "a", "lu": t, "actual": actual,
-                     "target": pd.NA if t < 5 else 256 * MiB, "total_memory": actual - 30 * MiB,
+                     "target": None if t < 5 else 256 * MiB, "total_memory": actual - 30 * MiB,
                      "free_memory": actual - 80 * MiB - held, "available_memory": actual - 60 * MiB - held,
                      "disk_caches": 20 * MiB, "rss": 300 * MiB + held})
         rows.append({"t": t, "guest": "b", "lu": t, "actual": 512 * MiB, "total_memory": 480 * MiB,

@@ -63,36 +63,68 @@ class BalloonAccessor:
                 out[name] = column(f, source).astype("Int64") // divisor
         return out
 
-    def used(self) -> pd.DataFrame:
-        """"Used memory" as four peers define it, side by side, in bytes (Int64, NA if unknown).
+    def used(self, mom_window: int = 10) -> pd.DataFrame:
+        """"Used memory" as four peers define it, side by side, in bytes (NA where unknown).
 
-        - ``virt_manager``: ``actual - free_memory`` (virt-manager: current balloon minus
-          libvirt's ``unused``, i.e. guest MemFree).
-        - ``exporter``: ``total_memory - available_memory`` (Prometheus libvirt exporters and
-          KubeVirt: libvirt's ``available`` minus ``usable``, i.e. MemTotal - MemAvailable).
-        - ``host_rss``: ``rss`` (older cockpit: host RSS of the QEMU process).
-        - ``mom``: ``actual - free_memory`` (oVirt MOM's ``guest_used_mem = balloon_cur -
-          mem_unused``, checked in oVirt/mom ``doc/balloon.rules``; ``balloon_cur`` is
-          virDomainGetInfo's current memory, i.e. actual (``mom/HypervisorInterfaces/
-          libvirtInterface.py`` ``getVmBalloonInfo``) and ``mem_unused`` is libvirt's
-          ``unused``, i.e. free_memory (same file, ``_setStatsFields``)). So MOM's formula
-          equals virt-manager's per sample; MOM itself applies it to moving averages
-          (``StatAvg``) over its collection window, which this per-sample view does not.
+        - ``virt_manager`` (Int64): ``actual - free_memory`` of each sample (virt-manager:
+          current balloon minus libvirt's ``unused``, i.e. guest MemFree).
+        - ``exporter`` (Int64): ``total_memory - available_memory`` (Prometheus libvirt
+          exporters and KubeVirt: libvirt's ``available`` minus ``usable``, i.e. MemTotal -
+          MemAvailable).
+        - ``host_rss`` (Int64): ``rss`` (older cockpit: host RSS of the QEMU process).
+        - ``mom`` (Float64): oVirt MOM's ``guest_used_mem``, ``(- (guest.StatAvg
+          "balloon_cur") (guest.StatAvg "mem_unused"))`` (oVirt/mom ``doc/balloon.rules``,
+          ``shrink_guest`` and ``grow_guest``): a moving average. ``balloon_cur`` is
+          virDomainGetInfo's current memory, i.e. ``actual``, and ``mem_unused`` libvirt's
+          ``unused``, i.e. ``free_memory`` (``mom/HypervisorInterfaces/libvirtInterface.py``).
+          MOM keeps a guest's last ``sample-history-length`` (default 10) samples and keeps a
+          sample only when every field came in (``doc/mom-balloon.conf``'s GuestMemory and
+          GuestBalloon collectors make both fields mandatory); ``Entity.StatAvg`` is the mean
+          over the samples it holds, fewer while its history fills. So here, per guest in
+          time order: the rows with both ``actual`` and ``free_memory`` are MOM's samples;
+          on each of them ``mom`` is the mean of ``actual`` over the guest's last
+          ``mom_window`` such rows (this one included) minus the mean of ``free_memory`` over
+          the same rows; a row missing either value is NA and takes no place in the window.
+          MOM samples every ``guest-monitor-interval`` (default 5 s), so its window spans
+          about 50 s; here a window is ``mom_window`` rows of this frame, one per new stats
+          report (about 10 s at a 1 s period). The means are not rounded. While memory
+          moves, ``mom`` lags ``virt_manager``; with ``mom_window=1`` the two agree.
 
+        :param mom_window: how many of a guest's complete rows ``mom`` averages (MOM's
+            ``sample-history-length``).
         :returns: index and ``guest`` kept; columns ``virt_manager``, ``exporter``,
             ``host_rss``, ``mom``.
+        :raises ValueError: when ``mom_window`` is not a whole number of rows >= 1.
         """
+        if isinstance(mom_window, bool) or not isinstance(mom_window, int) or mom_window < 1:
+            raise ValueError(f"mom_window must be a whole number of rows >= 1, not {mom_window!r}")
         f = self._frame
         actual, free = column(f, "actual").astype("Int64"), column(f, "free_memory").astype("Int64")
         total = column(f, "total_memory").astype("Int64")
         avail = column(f, "available_memory").astype("Int64")
+        # MOM's history: each guest's complete samples in time order; results go back in place.
+        order = np.argsort(seconds(f.index), kind="stable")
+        keys = f["guest"].astype(str).to_numpy()[order]
+        cur = actual.to_numpy(dtype=float, na_value=np.nan)[order]
+        unused = free.to_numpy(dtype=float, na_value=np.nan)[order]
+        complete = ~(np.isnan(cur) | np.isnan(unused))
+
+        def stat_avg(values: np.ndarray) -> np.ndarray:
+            history = pd.Series(values[complete]).groupby(keys[complete])
+            means: np.ndarray = history.transform(
+                lambda s: s.rolling(mom_window, min_periods=1).mean()).to_numpy(dtype=float)
+            return means
+
+        in_time_order = np.full(len(order), np.nan)
+        in_time_order[complete] = stat_avg(cur) - stat_avg(unused)
+        mom = np.empty(len(order))
+        mom[order] = in_time_order
         return pd.DataFrame({
             "guest": f["guest"],
             "virt_manager": actual - free,
             "exporter": total - avail,
             "host_rss": column(f, "rss").astype("Int64"),
-            # oVirt/mom doc/balloon.rules: (- (guest.StatAvg "balloon_cur") (guest.StatAvg "mem_unused"))
-            "mom": actual - free,
+            "mom": pd.array(mom, dtype="Float64"),
         }, index=f.index)
 
     def rates(self) -> pd.DataFrame:
@@ -100,8 +132,11 @@ class BalloonAccessor:
 
         One column per counter of the schema (:data:`RATE_COLUMNS`: ``major_faults_per_s``,
         ``swap_in_bytes_per_s``...): the counter's rise since the guest's previous row over the
-        seconds between the two guest reports (``last_update``; the read times in the index
-        where ``last_update`` is NaT or did not move). NA on each guest's first row, on a
+        seconds between the two reads (the index). QEMU's ``last_update`` has whole-second
+        resolution, so at a 1 s period its differences are 0 or 2 whenever the report phase
+        crosses a second boundary; the sampler reads each report a few ms after it lands (its
+        reads are phase-locked to the reports), so read-time differences are the report
+        intervals to within that jitter. NA on each guest's first row, on a
         row flagged ``reset``, where the counter went down (a reset that was not flagged),
         where a counter is missing, and where no time passed: a rate is never negative and
         never spikes across a reset. Rows keep the frame's order, index and ``guest``.
@@ -111,11 +146,8 @@ class BalloonAccessor:
         s = f.iloc[order]
         keys = s["guest"].astype(str).to_numpy()
         # Previous row of the same guest: a groupby shift keeps guests apart.
-        reported = pd.Series(seconds(column(s, "last_update", "datetime64[ns, UTC]")))
         read = pd.Series(seconds(s.index))
-        d_rep = reported - reported.groupby(keys).shift(1)
-        d_read = read - read.groupby(keys).shift(1)
-        dt = d_rep.where(d_rep > 0, d_read).to_numpy()
+        dt = (read - read.groupby(keys).shift(1)).to_numpy()
         reset = column(s, "reset", "boolean").fillna(False).to_numpy(dtype=bool)
         out = pd.DataFrame({"guest": s["guest"].array}, index=s.index)
         for counter, name in RATE_COLUMNS.items():
