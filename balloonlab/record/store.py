@@ -3,108 +3,329 @@
 Layout (a plain Parquet dataset, partitioned by guest, that pandas, DuckDB, Dask or Spark
 read as it is)::
 
-    RUN/run.json                                  metadata, updated at start and end
-    RUN/samples/guest=NAME/p-000001-000001.parquet one file per flush
-    RUN/events/guest=NAME/p-000001-000001.parquet
+    RUN/run.json                                          metadata, updated at start and end
+    RUN/samples/guest=NAME/p-000000000000-000000000042.parquet
+    RUN/events/guest=NAME/p-000000000000-000000000007.parquet
     RUN/plot.png
 
-Each flush writes complete files (to a temporary name, then renamed), so a run whose process
-is killed keeps everything up to its last flush. Small files are merged now and then into
-one ``p-FIRST-LAST`` file; a reader skips files whose range another file covers, so a crash
-between writing a merged file and deleting its parts never duplicates rows.
+Rows are numbered per table, across guests, in recording order; ``p-FIRST-END`` holds its
+guest's rows FIRST <= n < END. The writer remembers per guest where its rows on disk end, so a
+flush retried after a failure part-way (ENOSPC, EIO) writes exactly what is missing. A part is
+written to a temporary name, fsynced, renamed and its folder fsynced before its rows count
+(run.json likewise). Parts are merged in tiers: a merge's result is at least ``merge_factor``
+times its largest input, so a row is rewritten at most log_factor(rows) times. Overlapping
+ranges are always nested (a merge covers its inputs) and readers keep the outermost part they
+can read: a crash between a merge and the deletion of its inputs, or an unreadable merged file
+whose inputs remain, neither loses nor doubles a row. ``NAME`` is percent-escaped (``a/b`` ->
+``a%2Fb``), as pyarrow's hive partitioning decodes it. Format 1 runs (flush numbers as
+ranges, names unescaped) still load.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
+import logging
 import os
 import re
+import threading
 import time
+import warnings
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import quote, unquote
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from balloonlab.model.files import atomic_write_json
+from balloonlab.model.files import atomic_write_json, fsync_dir, write_durably
 from balloonlab.record.buffer import concat_frames
 
-_PART_RE = re.compile(r"^p-(\d{6})-(\d{6})\.parquet$")
-RUN_FORMAT = 1
+log = logging.getLogger(__name__)
+
+_PART_RE = re.compile(r"^p-(\d+)-(\d+)\.parquet$")
+RUN_FORMAT = 2
+TABLES = ("samples", "events")
+_READ_ERRORS = (OSError, ValueError, pa.ArrowException)
+
+
+class SkippedPartWarning(RuntimeWarning):
+    """A part file of a run could not be read (or overlaps another) and was left out."""
+
+
+class _Part(NamedTuple):
+    first: int
+    end: int
+    rows: int
+    path: Path
 
 
 class RunWriter:
     """Writes one run folder incrementally.
 
     :param path: the run folder (created; must not hold another run).
-    :param compact_every: merge a guest's single-flush files after this many flushes.
+    :param merge_factor: merge a guest's newest parts once they add up to this many times the
+        largest of them (2 or more).
+    :raises FileExistsError: ``path`` already holds a run.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, compact_every: int = 120) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, merge_factor: int = 4) -> None:
+        if merge_factor < 2:
+            raise ValueError(f"merge_factor must be 2 or more, got {merge_factor}")
         self.path = Path(path)
         if (self.path / "run.json").exists():
             raise FileExistsError(f"{self.path} already holds a run: choose a new folder")
         self.path.mkdir(parents=True, exist_ok=True)
         self.metadata: dict[str, Any] = {}
-        self.compact_every = compact_every
-        self._seq = 0
+        self.merge_factor = merge_factor
+        self._durable = dict.fromkeys(TABLES, 0)  # every row numbered below is on disk
+        self._ahead: dict[str, dict[str, int]] = {t: {} for t in TABLES}  # guests written further
+        self._handed = dict.fromkeys(TABLES, 0)
+        self._parts: dict[tuple[str, str], list[_Part]] = {}
+        self._folders: set[Path] = set()
+        self._exit_flush: tuple[Callable[[], object], asyncio.AbstractEventLoop | None] | None = None
+
+    @property
+    def durable(self) -> tuple[int, int]:
+        """Rows of (samples, events) on disk: every row numbered below is durable."""
+        return self._durable["samples"], self._durable["events"]
 
     def write_metadata(self, **fields: Any) -> None:
-        """Merge ``fields`` into run.json and rewrite it atomically."""
+        """Merge ``fields`` into run.json and rewrite it atomically and durably.
+
+        :raises OSError: the write failed (the fields are kept for the next write).
+        """
         self.metadata.update(fields)
         self.metadata.setdefault("format", RUN_FORMAT)
-        atomic_write_json(self.path / "run.json", self.metadata)
+        atomic_write_json(self.path / "run.json", self.metadata, fsync=True)
 
-    def flush(self, samples: pd.DataFrame, events: pd.DataFrame) -> None:
-        """Write the rows recorded since the last flush (either frame may be empty)."""
-        self._seq += 1
-        for table, frame in (("samples", samples), ("events", events)):
-            if len(frame):
-                for guest, part in frame.groupby("guest", observed=True):
-                    self._write_part(table, str(guest), part.drop(columns="guest"), self._seq, self._seq)
-        if self._seq % self.compact_every == 0:
-            self.compact()
+    def flush(self, samples: pd.DataFrame, events: pd.DataFrame,
+              first: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Write the rows not yet on disk; return :attr:`durable`.
 
-    def _write_part(self, table: str, guest: str, frame: pd.DataFrame, first: int, last: int) -> None:
-        folder = self.path / table / f"guest={guest}"
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"p-{first:06d}-{last:06d}.parquet"
-        tmp = folder / f".{final.name}.tmp"
-        frame.to_parquet(tmp, engine="pyarrow")
-        os.replace(tmp, final)
+        :param samples: consecutive rows of the samples table (may be empty), with ``guest``.
+        :param events: consecutive rows of the events table (may be empty).
+        :param first: the numbers of each frame's first row (default :attr:`durable`: the
+            frames continue where the disk ends). Rows already on disk are skipped.
+        :raises ValueError: a frame starts beyond :attr:`durable` or ends before rows handed
+            earlier (rows would be lost).
+        :raises OSError: a write failed; the parts written before it count, and a later flush
+            of the same rows (and more) writes exactly the rest.
+        """
+        starts = self.durable if first is None else first
+        for table, frame, start in zip(TABLES, (samples, events), starts, strict=True):
+            self._flush_table(table, frame, start)
+        return self.durable
+
+    def _flush_table(self, table: str, frame: pd.DataFrame, start: int) -> None:
+        durable, end = self._durable[table], start + len(frame)
+        if start > durable:
+            raise ValueError(f"{table}: rows {durable}..{start} were never handed to the writer")
+        if end < self._handed[table]:
+            raise ValueError(f"{table}: rows up to {self._handed[table]} were handed before, now only {end}")
+        self._handed[table] = end
+        if end <= durable:
+            return
+        ahead = self._ahead[table]
+        codes, guests = pd.factorize(frame["guest"])
+        rest = frame.drop(columns="guest")
+        for code, guest_key in enumerate(guests):
+            guest = str(guest_key)
+            lo = max(durable, ahead.get(guest, durable))
+            keep = np.flatnonzero(codes == code)
+            keep = keep[keep >= lo - start]
+            if len(keep):
+                self._add_part(table, guest, lo, end, rest if len(keep) == len(rest) else rest.iloc[keep])
+            ahead[guest] = max(end, ahead.get(guest, end))
+        self._durable[table] = end
+        self._ahead[table] = {g: e for g, e in ahead.items() if e > end}
+
+    def _add_part(self, table: str, guest: str, first: int, end: int, frame: pd.DataFrame) -> None:
+        path = self._folder(table, guest) / _part_name(first, end)
+        _write_parquet(path, frame)
+        parts = self._parts.setdefault((table, guest), [])
+        parts.append(_Part(first, end, len(frame), path))
+        try:
+            self._merge_tail(parts)
+        except _READ_ERRORS as exc:  # the rows are durable; the merge is retried next flush
+            log.warning("could not merge parts of %s: %s", path.parent, exc)
+
+    def _merge_tail(self, parts: list[_Part]) -> None:
+        while (k := self._mergeable(parts)) >= 2:
+            _merge(parts, len(parts) - k)
+
+    def _mergeable(self, parts: list[_Part]) -> int:
+        """The longest run of newest parts that adds up to merge_factor x its largest (or 0)."""
+        total = largest = best = 0
+        for k, part in enumerate(reversed(parts), 1):
+            total, largest = total + part.rows, max(largest, part.rows)
+            if k >= 2 and total >= self.merge_factor * largest:
+                best = k
+        return best
 
     def compact(self) -> None:
-        """Merge each guest's files into one (crash-safe: see the module docstring)."""
-        for table in ("samples", "events"):
-            for folder in sorted((self.path / table).glob("guest=*")):
-                parts = _live_parts(folder)
-                if len(parts) < 2:
-                    continue
-                first, last = parts[0][0], parts[-1][1]
-                merged = pd.concat([pd.read_parquet(p) for _, _, p in parts])
-                self._write_part(table, folder.name.removeprefix("guest="), merged, first, last)
-                for _, _, p in parts:
-                    p.unlink()
+        """Merge each guest's parts into one file now (crash-safe: see the module docstring)."""
+        for parts in self._parts.values():
+            if len(parts) >= 2:
+                _merge(parts, 0)
+
+    def _folder(self, table: str, guest: str) -> Path:
+        folder = self.path / table / f"guest={quote(guest, safe='')}"
+        if folder not in self._folders:
+            for directory in (folder.parent, folder):
+                directory.mkdir(exist_ok=True)
+                fsync_dir(directory.parent)
+            self._folders.add(folder)
+        return folder
+
+    # -- at interpreter exit ------------------------------------------------------------
+    def flush_at_exit(self, flush: Callable[[], object], loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Call ``flush`` (a sampler's) at interpreter exit, after Ctrl-C too, unless
+        :meth:`close` came first.
+
+        :param loop: the loop that owns the caller's rows: ``flush`` runs on it while it runs
+            on another thread (balloonlab's loop thread, during atexit), else on this one.
+        """
+        global _exit_hook_registered
+        self._exit_flush = (flush, loop)
+        with _exit_lock:
+            if not _exit_hook_registered:
+                atexit.register(_flush_open_writers)
+                _exit_hook_registered = True
+            _open_writers.add(self)
+
+    def close(self) -> None:
+        """Forget the exit flush (the run was closed properly)."""
+        self._exit_flush = None
+        with _exit_lock:
+            _open_writers.discard(self)
+
+    def _run_exit_flush(self, timeout_s: float = 30.0) -> None:
+        if self._exit_flush is None:
+            return
+        flush, loop = self._exit_flush
+        try:
+            if loop is not None and loop.is_running() and not _running_here(loop):
+                asyncio.run_coroutine_threadsafe(_call(flush), loop).result(timeout_s)
+            else:
+                flush()
+        except Exception as exc:  # at exit nobody is left to raise to; the rows are lost
+            log.error("could not flush the run %s at exit: %r", self.path, exc)
 
 
-def _live_parts(folder: Path) -> list[tuple[int, int, Path]]:
-    """The folder's part files minus those another file's range covers, in order."""
-    parts = []
-    for p in folder.iterdir():
-        if m := _PART_RE.match(p.name):
-            parts.append((int(m.group(1)), int(m.group(2)), p))
-    return sorted(p for p in parts
-                  if not any(o is not p and o[0] <= p[0] and p[1] <= o[1] and (o[0], o[1]) != (p[0], p[1])
-                             for o in parts))
+_exit_lock = threading.Lock()
+_exit_hook_registered = False
+_open_writers: weakref.WeakSet[RunWriter] = weakref.WeakSet()
 
 
-def read_table(path: str | os.PathLike[str], table: str) -> pd.DataFrame:
-    """Read ``samples`` or ``events`` of a run folder into one frame (schema dtypes)."""
+def _flush_open_writers() -> None:
+    with _exit_lock:
+        writers = list(_open_writers)
+    for writer in writers:
+        writer._run_exit_flush()
+
+
+def _running_here(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+async def _call(fn: Callable[[], object]) -> None:
+    fn()
+
+
+def _merge(parts: list[_Part], start: int) -> None:
+    """Replace ``parts[start:]`` (adjacent ranges) by one file; its inputs go only once it is
+    durable, and until then readers prefer it, since its range covers theirs."""
+    sources = parts[start:]
+    tables = [pq.ParquetFile(p.path).read() for p in sources]
+    path = sources[0].path.with_name(_part_name(sources[0].first, sources[-1].end))
+    if all(t.schema.equals(tables[0].schema) for t in tables):
+        merged = pa.concat_tables(tables)  # the usual case, without a round trip through pandas
+        write_durably(path, lambda file: pq.write_table(merged, file))
+    else:  # a stat column appeared: pandas unifies the columns and keeps their dtypes
+        merged = pd.concat([t.to_pandas() for t in tables])
+        _write_parquet(path, merged)
+    parts[start:] = [_Part(sources[0].first, sources[-1].end, len(merged), path)]
+    for p in sources:
+        p.path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def _part_name(first: int, end: int) -> str:
+    return f"p-{first:012d}-{end:012d}.parquet"
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    write_durably(path, lambda file: frame.to_parquet(file, engine="pyarrow"))
+
+
+def _read_folder(folder: Path, skipped: list[Path]) -> list[pd.DataFrame]:
+    """The folder's rows, each once. A part vanishing while read (merged away) means the
+    folder is listed again."""
+    for attempt in range(5):
+        try:
+            frames, bad = _read_parts(folder)
+            break
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+    for path, why in bad:
+        warnings.warn(f"skipped {path}: {why}", SkippedPartWarning, stacklevel=4)
+        skipped.append(path)
+    return frames
+
+
+def _read_parts(folder: Path) -> tuple[list[pd.DataFrame], list[tuple[Path, str]]]:
+    """The outermost readable part of each nest of ranges, and the parts left out (why)."""
+    parts = sorted(((int(m[1]), int(m[2]), p) for p in folder.iterdir() if (m := _PART_RE.match(p.name))),
+                   key=lambda part: (part[0], -part[1]))
     frames: list[pd.DataFrame] = []
-    for folder in sorted((Path(path) / table).glob("guest=*")):
-        guest = folder.name.removeprefix("guest=")
-        for _, _, part in _live_parts(folder):
-            frame = pd.read_parquet(part)
+    bad: list[tuple[Path, str]] = []
+    covered = -1
+    for first, end, path in parts:
+        if end <= covered:
+            continue  # nested in a part already read
+        if first < covered:
+            bad.append((path, f"its range {first}-{end} overlaps one already read"))
+            continue
+        try:
+            frames.append(pd.read_parquet(path))
+        except FileNotFoundError:
+            raise
+        except _READ_ERRORS as exc:
+            bad.append((path, f"{type(exc).__name__}: {exc}"))
+            continue
+        covered = end
+    return frames, bad
+
+
+def read_table(path: str | os.PathLike[str], table: str, *, skipped: list[Path] | None = None,
+               run_format: int | None = None) -> pd.DataFrame:
+    """Read ``samples`` or ``events`` of a run folder into one frame (schema dtypes).
+
+    :param skipped: unreadable part files are appended here (and warned about).
+    :param run_format: the run's format (default: run.json's; 1 without one).
+    """
+    root = Path(path)
+    if run_format is None:
+        meta = root / "run.json"
+        run_format = int(json.loads(meta.read_text()).get("format", 1)) if meta.exists() else 1
+    frames: list[pd.DataFrame] = []
+    for folder in sorted((root / table).glob("guest=*")):
+        if not folder.is_dir():
+            continue
+        raw = folder.name.removeprefix("guest=")
+        guest = unquote(raw) if run_format >= 2 else raw
+        for frame in _read_folder(folder, skipped if skipped is not None else []):
             frame.insert(0, "guest", guest)
             frames.append(frame)
     return concat_frames(frames)
@@ -112,12 +333,13 @@ def read_table(path: str | os.PathLike[str], table: str) -> pd.DataFrame:
 
 @dataclass
 class Run:
-    """A recorded run: its frames, metadata and folder."""
+    """A recorded run: its frames, metadata and folder (``skipped``: unreadable part files)."""
 
     path: Path
     samples: pd.DataFrame
     events: pd.DataFrame
     metadata: dict[str, Any] = field(default_factory=dict)
+    skipped: list[Path] = field(default_factory=list)
 
     @property
     def plot_path(self) -> Path:
@@ -133,6 +355,9 @@ class Run:
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Load a run folder, also one whose process was killed mid-run (up to its last flush).
 
+    A part file that cannot be read (truncated by a crash on a filesystem without ordered
+    writes) is left out with a :class:`SkippedPartWarning` and listed in ``Run.skipped``.
+
     :raises FileNotFoundError: the folder has no run.json (not a run folder).
     """
     folder = Path(path)
@@ -140,7 +365,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if not meta_path.exists():
         raise FileNotFoundError(f"{folder} is not a balloonlab run folder (no run.json)")
     metadata = json.loads(meta_path.read_text())
-    return Run(folder, read_table(folder, "samples"), read_table(folder, "events"), metadata)
+    run_format = int(metadata.get("format", 1))
+    skipped: list[Path] = []
+    samples = read_table(folder, "samples", skipped=skipped, run_format=run_format)
+    events = read_table(folder, "events", skipped=skipped, run_format=run_format)
+    return Run(folder, samples, events, metadata, skipped)
 
 
 def new_run_dir(root: str | os.PathLike[str] = "runs", name: str = "run") -> Path:
@@ -152,4 +381,3 @@ def new_run_dir(root: str | os.PathLike[str] = "runs", name: str = "run") -> Pat
         n += 1
         candidate = Path(f"{base}-{n}")
     return candidate
-
