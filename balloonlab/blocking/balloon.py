@@ -124,6 +124,14 @@ class SyncWorkload:
         """Reconcile with the guest's list of held chunks (True when they agreed)."""
         return run(self.aio.sync())
 
+    def reboot(self) -> None:
+        """Reboot the guest from inside (not QMP ``system_reset``)."""
+        run(self.aio.reboot())
+
+    def churn(self, on: bool = True) -> None:
+        """Start (or stop) a steady stream of page faults in the guest."""
+        run(self.aio.churn(on))
+
     def alloc(self, size: int | str) -> int:
         """Allocate and touch ``size`` bytes more; returns bytes held."""
         return run(self.aio.alloc(size))

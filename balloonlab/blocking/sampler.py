@@ -29,11 +29,11 @@ class SyncSampler:
 
     def __init__(self, *, run_dir: str | Path | None = None, flush_interval_s: float = 5.0,
                  max_rows_in_memory: int = 1_000_000, track_actual: str = "events",
-                 metadata: dict[str, Any] | None = None) -> None:
+                 period_check_every: int = 10, metadata: dict[str, Any] | None = None) -> None:
         async def make() -> Sampler:  # built on the loop it samples on
             return Sampler(run_dir=run_dir, flush_interval_s=flush_interval_s,
                            max_rows_in_memory=max_rows_in_memory, track_actual=track_actual,
-                           metadata=metadata)
+                           period_check_every=period_check_every, metadata=metadata)
         self.aio = run(make())
 
     @property
@@ -63,12 +63,14 @@ class SyncSampler:
         run(_call(self.aio.flush))
 
     def frame(self) -> pd.DataFrame:
-        """Samples so far (built on the loop thread, so never half-appended)."""
-        return run(_call(self.aio.frame))
+        """Samples so far: a snapshot taken on the loop thread (so never half-appended, and
+        sub-millisecond to milliseconds however many rows), the frame built on the calling
+        thread while sampling goes on. ``attrs["dropped_rows"]``: see ``Sampler.frame``."""
+        return run(_call(self.aio.samples_snapshot)).frame()
 
     def events(self) -> pd.DataFrame:
-        """Events so far."""
-        return run(_call(self.aio.events))
+        """Events so far (snapshot on the loop, frame built here, as :meth:`frame`)."""
+        return run(_call(self.aio.events_snapshot)).frame()
 
     def states(self) -> dict[str, SamplingState]:
         """Per-guest sampling state."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -112,12 +113,23 @@ class Experiment:
                 await sampler.add(each)
             await self._play(guests, progress)
         finally:
+            # Every launched guest is shut down and the run is finalised whatever failed
+            # above or fails here; the first error of the clean-up is raised after it all.
+            problems: list[BaseException] = []
             for guest in launched:
-                with contextlib.suppress(KeyError):
-                    await sampler.remove(guest.name)
-                graceful = await guest.shutdown()
-                sampler.record_event(guest.name, "shutdown", None, "quit" if graceful else "killed")
-            await sampler.stop()
+                try:
+                    with contextlib.suppress(KeyError):
+                        await sampler.remove(guest.name)
+                    graceful = await guest.shutdown()
+                    sampler.record_event(guest.name, "shutdown", None, "quit" if graceful else "killed")
+                except Exception as exc:
+                    problems.append(exc)
+            try:
+                await sampler.stop()
+            except Exception as exc:
+                problems.append(exc)
+            if problems and sys.exc_info()[1] is None:
+                raise problems[0]
         run = load_run(run_dir)
         if self.plot and len(run.samples):
             from balloonlab.analysis.plotting import save_run_plot

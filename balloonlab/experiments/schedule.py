@@ -96,5 +96,9 @@ def _size(value: int | str) -> int:
 
 
 def require_positive_s(value: object, name: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    """Refuse anything but a finite number of seconds above 0 (nan and inf included).
+
+    :raises ValueError: with the name and the value given.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")

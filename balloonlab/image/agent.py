@@ -177,6 +177,19 @@ class Workload:
             self._notify(f"hold {format_size(target)}", started)
         return self.held
 
+    async def churn(self, on: bool = True) -> None:
+        """Start (or stop) a steady stream of page faults in the guest: ``/bin/true`` 10 times a
+        second on an absolute schedule of the guest's clock, each exec faulting the same pages,
+        so the fault counters rise at a steady rate (a known input for rate measurements)."""
+        await self._request("churn", "on" if on else "off")
+
+    async def reboot(self) -> None:
+        """Reboot the guest from inside (``reboot -f`` in the guest, as a user's ``reboot``
+        would, not QMP ``system_reset``). Memory held before is gone afterwards."""
+        await self._request("reboot")
+        self._chunks.clear()
+        self._notify("reboot", time.monotonic())
+
     async def sync(self) -> bool:
         """Forget chunks the guest no longer holds (the OOM killer may have taken them).
 

@@ -23,10 +23,14 @@ class ReportClock:
         self.hi: float | None = None  # ... and no later than hi (None: unknown)
         self.prev_read: float | None = None
         self.misses = 0
+        #: True right after the read that found the next report overdue (once per stall):
+        #: the moment to ask whether the period changed behind the reader's back.
+        self.became_overdue = False
 
     def next_delay(self, now: float, period: int, new: bool) -> float:
         """Seconds to sleep after a read at ``now`` (monotonic) that was ``new`` or not."""
         prev, self.prev_read = self.prev_read, now
+        self.became_overdue = False
         if not period:
             self.lo = self.hi = None
             return 1.0  # polling is off: look again now and then (the period may change)
@@ -43,6 +47,7 @@ class ReportClock:
             if self.hi is not None and now < self.hi:
                 self.lo = now  # still due: it comes after this read
             else:
+                self.became_overdue = self.hi is not None
                 self.lo, self.hi = now, None  # overdue: paused or stalled guest
                 return min(float(period), step * (1 << min(self.misses, 10)))
         assert self.lo is not None and self.hi is not None

@@ -2,12 +2,16 @@
 
 The figure is drawn once by :func:`balloonlab.analysis.plotting.plot_memory`; a timer then calls
 :func:`balloonlab.analysis.plotting.update_memory_plot` (``set_data`` + ``draw_idle``) with the growing
-frames. Inside a notebook kernel the timer is an asyncio task on the kernel's own loop: it
-runs between cells, awaits the frames from balloonlab's loop without blocking, and touches
-the figure only on the kernel's main thread (matplotlib is not thread-safe, and ipympl
-renders on that thread when the browser asks). Outside a kernel (scripts, tests) it is a
-daemon thread. With ipympl (``%matplotlib widget``) the canvas itself is the widget;
-otherwise the figure is shown as a PNG in an Image widget.
+frames. Each refresh takes snapshots of the sampler's buffers on balloonlab's loop (1-2 ms
+at 10 M rows here) and builds the frames elsewhere, so the sampling loop never waits for a
+plot: only the rows of the shown window are built (the counts in the info line are the
+whole run's). Inside a notebook kernel the timer is an asyncio task on the
+kernel's own loop: it runs between cells, awaits the snapshots without blocking, builds the
+frames in a worker thread, and touches the figure only on the kernel's main thread
+(matplotlib is not thread-safe, and ipympl renders on that thread when the browser asks).
+Outside a kernel (scripts, tests) it is a daemon thread that builds and draws. With ipympl
+(``%matplotlib widget``) the canvas itself is the widget; otherwise the figure is shown as a
+PNG in an Image widget.
 """
 
 from __future__ import annotations
@@ -18,20 +22,55 @@ import io
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ipywidgets as w
 import pandas as pd
 
-from balloonlab.analysis.measures import guest_names
 from balloonlab.analysis.plotting import plot_memory, update_memory_plot
 from balloonlab.blocking import SyncSampler
 from balloonlab.blocking import loop as _loop
+from balloonlab.record.buffer import BufferSnapshot
 
 log = logging.getLogger(__name__)
 #: Window choices: label -> seconds (0 means the whole run).
 WINDOWS: list[tuple[str, int]] = [("last minute", 60), ("last 5 minutes", 300), ("last 15 minutes", 900),
                                   ("last hour", 3600), ("all", 0)]
+
+
+@dataclass(frozen=True)
+class _PlotData:
+    """One refresh's input: the frames (only the window's rows when there is a window) and what
+    the info line and the default guests come from (the whole run)."""
+
+    samples: pd.DataFrame
+    events: pd.DataFrame
+    window: int  # seconds, 0 for the whole run
+    n_samples: int
+    n_events: int
+    guests: list[str]  # in the run: the samples' guests, then those only in events
+    last: pd.Timestamp | None  # the latest sample's time
+
+
+def _build_plot_data(samples: BufferSnapshot, events: BufferSnapshot, window: int) -> _PlotData:
+    """The frames a refresh draws, built from snapshots on the calling thread.
+
+    With a window, only rows at most ``window`` seconds (and a second of margin) before the
+    latest row of either snapshot are built: :func:`update_memory_plot` would cut the same
+    window out of the whole frames, measured from the same latest row.
+    """
+    ends = [t for t in (samples.max_time_ns(), events.max_time_ns()) if t is not None]
+    if window and ends:
+        since = max(ends) - (window + 1) * 1_000_000_000
+        shown, shown_events = samples.since(since), events.since(since)
+    else:
+        shown, shown_events = samples, events
+    names = samples.categories_present("guest")
+    names += [g for g in events.categories_present("guest") if g not in names]
+    last = samples.max_time_ns()
+    return _PlotData(shown.frame(), shown_events.frame(), window, len(samples), len(events), names,
+                     None if last is None else pd.Timestamp(last, unit="ns", tz="UTC"))
 
 
 class LivePlot:
@@ -56,6 +95,7 @@ class LivePlot:
         self._guests = guests
         self._on_tick = on_tick
         self._names: list[str] | None = None
+        self._drawn_window: int | None = None
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
@@ -88,41 +128,48 @@ class LivePlot:
         guests = self._guests() if callable(self._guests) else self._guests
         return list(guests) if guests is not None else None
 
-    async def _frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return self.sampler.aio.frame(), self.sampler.aio.events()
+    async def _snapshots(self) -> tuple[BufferSnapshot, BufferSnapshot]:
+        """On balloonlab's loop: the sampler's rows, frozen (nothing is built there)."""
+        return self.sampler.aio.samples_snapshot(), self.sampler.aio.events_snapshot()
 
     def refresh(self) -> int:
-        """Redraw now with the sampler's frames (blocks briefly); returns the samples count."""
-        samples, events = _loop.run(self._frames(), timeout_s=30)
+        """Redraw now with the sampler's frames, built on this thread (blocks briefly);
+        returns the samples count."""
+        samples, events = _loop.run(self._snapshots(), timeout_s=30)
+        data = _build_plot_data(samples, events, self.window.value)
         self._tick()
-        self._draw(samples, events)
+        self._draw(data)
         return self.samples
 
     def _tick(self) -> None:
         if self._on_tick is not None:
             self._on_tick()
 
-    def _draw(self, samples: pd.DataFrame, events: pd.DataFrame) -> None:
+    def _draw(self, data: _PlotData) -> None:
         with self._lock:
             names = self._guest_names()
             if names is None:
-                names = guest_names(samples) + [g for g in guest_names(events) if g not in guest_names(samples)]
-            if names != self._names:
-                if self._names is not None and len(names) != len(self._names):
-                    self.figure.set_size_inches(10, 0.8 + 2.4 * max(1, len(names)))
-                plot_memory(samples, events, guests=names, window=self.window.value or None, fig=self.figure)
-                self._names = names
-                self.figure.canvas.draw_idle()
+                names = data.guests
+            # The window is fixed when the axes are made: a refresh built for another window
+            # than the figure's makes them again.
+            if names != self._names or data.window != self._drawn_window:
+                height = 0.8 + 2.4 * max(1, len(names))  # also when the guests are first known
+                if self.figure.get_figheight() != height:
+                    self.figure.set_size_inches(10, height)
+                plot_memory(data.samples, data.events, guests=names, window=data.window or None, fig=self.figure)
+                self._names, self._drawn_window = names, data.window
+                if self.interactive:
+                    self.figure.canvas.draw_idle()
             else:
-                update_memory_plot(self.figure, samples, events)
+                # Without ipympl, draw_idle would render now and savefig below again: render once.
+                update_memory_plot(self.figure, data.samples, data.events, draw=self.interactive)
             # plot_memory keeps its artists on the figure, untyped (guest -> line name -> Line2D)
             lines = self.figure._balloonlab_lines  # type: ignore[attr-defined]
             self.points = sum(len(lines[g]["total_memory"].get_xdata()) for g in lines)
-            self.samples = len(samples)
-            last = samples.index.max() if len(samples) else None
-            when = f" · last sample {last:%H:%M:%S} UTC" if last is not None else ""
-            self.info.value = (f'<span class="bl-points" data-samples="{len(samples)}" data-events="{len(events)}" '
-                               f'data-points="{self.points}">{len(samples)} samples, {len(events)} events, '
+            self.samples = n = data.n_samples
+            when = f" · last sample {data.last:%H:%M:%S} UTC" if data.last is not None else ""
+            self.info.value = (f'<span class="bl-points" data-samples="{n}" data-events="{data.n_events}" '
+                               f'data-points="{self.points}">{n} samples, {data.n_events} events, '
                                f"{self.points} points shown</span>{when}")
             if not self.interactive:
                 buffer = io.BytesIO()
@@ -170,9 +217,11 @@ class LivePlot:
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
-                samples, events = await asyncio.wrap_future(_loop.submit(self._frames()))
+                samples, events = await asyncio.wrap_future(_loop.submit(self._snapshots()))
+                # Built in a worker thread: the kernel stays free; drawn here, on its thread.
+                data = await asyncio.to_thread(_build_plot_data, samples, events, self.window.value)
                 self._tick()
-                self._draw(samples, events)
+                self._draw(data)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the timer alive; say why in the plot's line
