@@ -120,6 +120,10 @@ def _new_pool_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_pool_after_fork)
 
 
+class CallTimedOut(MonitorError):
+    """A libvirt call got no answer within its limit: libvirtd is hung or slow, not gone."""
+
+
 async def blocking_call(api: str, fn: Callable[..., Any], *args: Any, timeout_s: float,
                         abandoned: Callable[[Any], None] | None = None) -> Any:
     """``fn(*args)`` on libvirt's call threads; its result, or its exception as raised.
@@ -139,7 +143,7 @@ async def blocking_call(api: str, fn: Callable[..., Any], *args: Any, timeout_s:
             raise  # fn's own TimeoutError, not ours
         if abandoned is not None:
             future.add_done_callback(lambda done: _undo(api, done, abandoned))
-        raise MonitorError(f"{api}: no answer from libvirt within {timeout_s} s (is libvirtd running "
+        raise CallTimedOut(f"{api}: no answer from libvirt within {timeout_s} s (is libvirtd running "
                            f"and responsive?); {_pool.busy} of {_pool.size} libvirt call threads are "
                            "waiting for libvirt") from exc
 

@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 import libvirt
 
 from balloonlab.domain import DomainSpec, parse_domain_xml
-from balloonlab.libvirt.api import blocking_call, domain_gone, ensure_event_loop, error_text, map_error, state_name
+from balloonlab.libvirt.api import (CallTimedOut, blocking_call, domain_gone, ensure_event_loop, error_text, map_error,
+                                    state_name)
 from balloonlab.model.errors import CommandError, MonitorError
 from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S, validate_period
 from balloonlab.qemu.transport import ConnectionCache, QMPEvent
@@ -149,6 +150,8 @@ class DomainLink:
         restarted) it is reopened and the call made once more on the domain found again."""
         try:
             return await self.call(api, call, self._domain(), timeout_s=timeout_s)
+        except CallTimedOut:
+            raise  # libvirtd hung or slow: reopening would only wait on it again
         except MonitorError:
             if self.uri is None or self.stopped is not None or await self._alive():
                 raise
