@@ -1,24 +1,24 @@
 """Run folders: Parquet samples and events written as a run goes, ``run.json``, a plot.
 
-Layout (a plain Parquet dataset, partitioned by guest, that pandas, DuckDB, Dask or Spark
-read as it is)::
+Layout (format 3: a plain Parquet dataset that pandas, DuckDB, Polars or Spark read as it is;
+``guest`` is a dictionary-encoded column, so one flush writes one file per table however many
+guests are sampled)::
 
-    RUN/run.json                                          metadata, updated at start and end
-    RUN/samples/guest=NAME/p-000000000000-000000000042.parquet
-    RUN/events/guest=NAME/p-000000000000-000000000007.parquet
+    RUN/run.json                                 metadata, updated at start and end
+    RUN/samples/p-000000000000-000000000042.parquet
+    RUN/events/p-000000000000-000000000007.parquet
     RUN/plot.png
 
-Rows are numbered per table, across guests, in recording order; ``p-FIRST-END`` holds its
-guest's rows FIRST <= n < END. The writer remembers per guest where its rows on disk end, so a
-flush retried after a failure part-way (ENOSPC, EIO) writes exactly what is missing. A part is
-written to a temporary name, fsynced, renamed and its folder fsynced before its rows count
-(run.json likewise). Parts are merged in tiers: a merge's result is at least ``merge_factor``
-times its largest input, so a row is rewritten at most log_factor(rows) times. Overlapping
-ranges are always nested (a merge covers its inputs) and readers keep the outermost part they
-can read: a crash between a merge and the deletion of its inputs, or an unreadable merged file
-whose inputs remain, neither loses nor doubles a row. ``NAME`` is percent-escaped (``a/b`` ->
-``a%2Fb``), as pyarrow's hive partitioning decodes it. Format 1 runs (flush numbers as
-ranges, names unescaped) still load.
+Rows are numbered per table, across guests, in recording order; ``p-FIRST-END`` holds rows
+FIRST <= n < END. The writer remembers where the rows on disk end, so a flush retried after a
+failure part-way (ENOSPC, EIO) writes exactly what is missing. A part is written to a temporary
+name, fsynced, renamed and its folder fsynced before its rows count (run.json likewise). Parts
+are merged in tiers: a merge's result is at least ``merge_factor`` times its largest input, so
+a row is rewritten at most log_factor(rows) times. Overlapping ranges are always nested (a merge
+covers its inputs) and readers keep the outermost part they can read: a crash between a merge
+and the deletion of its inputs, or an unreadable merged file whose inputs remain, neither loses
+nor doubles a row. Formats 1 and 2 (one folder per guest, ``RUN/samples/guest=NAME/``, names
+percent-escaped from format 2 on, as pyarrow's hive partitioning decodes them) still load.
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,7 +49,7 @@ from balloonlab.record.buffer import concat_frames
 log = logging.getLogger(__name__)
 
 _PART_RE = re.compile(r"^p-(\d+)-(\d+)\.parquet$")
-RUN_FORMAT = 2
+RUN_FORMAT = 3
 TABLES = ("samples", "events")
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)
 
@@ -85,9 +84,7 @@ class RunWriter:
         self.metadata: dict[str, Any] = {}
         self.merge_factor = merge_factor
         self._durable = dict.fromkeys(TABLES, 0)  # every row numbered below is on disk
-        self._ahead: dict[str, dict[str, int]] = {t: {} for t in TABLES}  # guests written further
-        self._handed = dict.fromkeys(TABLES, 0)
-        self._parts: dict[tuple[str, str], list[_Part]] = {}
+        self._parts: dict[str, list[_Part]] = {table: [] for table in TABLES}
         self._folders: set[Path] = set()
         self._exit_flush: tuple[Callable[[], object], asyncio.AbstractEventLoop | None] | None = None
 
@@ -107,14 +104,14 @@ class RunWriter:
 
     def flush(self, samples: pd.DataFrame, events: pd.DataFrame,
               first: tuple[int, int] | None = None) -> tuple[int, int]:
-        """Write the rows not yet on disk; return :attr:`durable`.
+        """Write the rows not yet on disk, one part per table; return :attr:`durable`.
 
         :param samples: consecutive rows of the samples table (may be empty), with ``guest``.
         :param events: consecutive rows of the events table (may be empty).
         :param first: the numbers of each frame's first row (default :attr:`durable`: the
-            frames continue where the disk ends). Rows already on disk are skipped.
-        :raises ValueError: a frame starts beyond :attr:`durable` or ends before rows handed
-            earlier (rows would be lost).
+            frames continue where the disk ends). Rows already on disk are skipped, so frames
+            taken before an earlier flush can be handed again harmlessly.
+        :raises ValueError: a frame starts beyond :attr:`durable` (rows would be lost).
         :raises OSError: a write failed; the parts written before it count, and a later flush
             of the same rows (and more) writes exactly the rest.
         """
@@ -127,30 +124,14 @@ class RunWriter:
         durable, end = self._durable[table], start + len(frame)
         if start > durable:
             raise ValueError(f"{table}: rows {durable}..{start} were never handed to the writer")
-        if end < self._handed[table]:
-            raise ValueError(f"{table}: rows up to {self._handed[table]} were handed before, now only {end}")
-        self._handed[table] = end
         if end <= durable:
             return
-        ahead = self._ahead[table]
-        codes, guests = pd.factorize(frame["guest"])
-        rest = frame.drop(columns="guest")
-        for code, guest_key in enumerate(guests):
-            guest = str(guest_key)
-            lo = max(durable, ahead.get(guest, durable))
-            keep = np.flatnonzero(codes == code)
-            keep = keep[keep >= lo - start]
-            if len(keep):
-                self._add_part(table, guest, lo, end, rest if len(keep) == len(rest) else rest.iloc[keep])
-            ahead[guest] = max(end, ahead.get(guest, end))
+        rows = frame if start == durable else frame.iloc[durable - start:]
+        path = self._folder(table) / _part_name(durable, end)
+        _write_parquet(path, rows)
+        parts = self._parts[table]
+        parts.append(_Part(durable, end, len(rows), path))
         self._durable[table] = end
-        self._ahead[table] = {g: e for g, e in ahead.items() if e > end}
-
-    def _add_part(self, table: str, guest: str, first: int, end: int, frame: pd.DataFrame) -> None:
-        path = self._folder(table, guest) / _part_name(first, end)
-        _write_parquet(path, frame)
-        parts = self._parts.setdefault((table, guest), [])
-        parts.append(_Part(first, end, len(frame), path))
         try:
             self._merge_tail(parts)
         except _READ_ERRORS as exc:  # the rows are durable; the merge is retried next flush
@@ -170,17 +151,16 @@ class RunWriter:
         return best
 
     def compact(self) -> None:
-        """Merge each guest's parts into one file now (crash-safe: see the module docstring)."""
+        """Merge each table's parts into one file now (crash-safe: see the module docstring)."""
         for parts in self._parts.values():
             if len(parts) >= 2:
                 _merge(parts, 0)
 
-    def _folder(self, table: str, guest: str) -> Path:
-        folder = self.path / table / f"guest={quote(guest, safe='')}"
+    def _folder(self, table: str) -> Path:
+        folder = self.path / table
         if folder not in self._folders:
-            for directory in (folder.parent, folder):
-                directory.mkdir(exist_ok=True)
-                fsync_dir(directory.parent)
+            folder.mkdir(exist_ok=True)
+            fsync_dir(folder.parent)
             self._folders.add(folder)
         return folder
 
@@ -319,13 +299,17 @@ def read_table(path: str | os.PathLike[str], table: str, *, skipped: list[Path] 
     if run_format is None:
         meta = root / "run.json"
         run_format = int(json.loads(meta.read_text()).get("format", 1)) if meta.exists() else 1
+    skipped = skipped if skipped is not None else []
+    folder = root / table
+    if run_format >= 3:
+        return concat_frames(_read_folder(folder, skipped) if folder.is_dir() else [])
     frames: list[pd.DataFrame] = []
-    for folder in sorted((root / table).glob("guest=*")):
-        if not folder.is_dir():
+    for guest_folder in sorted(folder.glob("guest=*")):  # formats 1 and 2: a folder per guest
+        if not guest_folder.is_dir():
             continue
-        raw = folder.name.removeprefix("guest=")
+        raw = guest_folder.name.removeprefix("guest=")
         guest = unquote(raw) if run_format >= 2 else raw
-        for frame in _read_folder(folder, skipped if skipped is not None else []):
+        for frame in _read_folder(guest_folder, skipped):
             frame.insert(0, "guest", guest)
             frames.append(frame)
     return concat_frames(frames)
