@@ -29,7 +29,7 @@ class SyncSampler:
 
     def __init__(self, *, run_dir: str | Path | None = None, flush_interval_s: float = 5.0,
                  max_rows_in_memory: int = 1_000_000, track_actual: str = "events",
-                 period_check_every: int = 10, metadata: dict[str, Any] | None = None) -> None:
+                 period_check_every: int = 100, metadata: dict[str, Any] | None = None) -> None:
         async def make() -> Sampler:  # built on the loop it samples on
             return Sampler(run_dir=run_dir, flush_interval_s=flush_interval_s,
                            max_rows_in_memory=max_rows_in_memory, track_actual=track_actual,
@@ -59,8 +59,9 @@ class SyncSampler:
         run(self.aio.stop())
 
     def flush(self) -> None:
-        """Write what was recorded since the last flush to the run folder."""
-        run(_call(self.aio.flush))
+        """Write what was recorded since the last flush to the run folder (built and written
+        off balloonlab's loop)."""
+        run(self.aio.flush())
 
     def frame(self) -> pd.DataFrame:
         """Samples so far: a snapshot taken on the loop thread (so never half-appended, and
