@@ -65,9 +65,9 @@ def test_run_folder_round_trips_frames_across_flushes_and_merges(tmp_path):
         events.append(10**18 + flush, {"guest": "a", "kind": "target", "value": 256 << 20, "detail": "x"})
         assert writer.flush(samples.frame(done), events.frame(flush, flush + 1)) == (6 * (flush + 1), flush + 1)
         done = samples.total_rows
-    # Rows are numbered across guests (6 a flush): a's parts of 4 rows merged 4+4, 8+4+4 (each
-    # merge at least doubles), the fifth is still alone.
-    files = sorted(p.name for p in (tmp_path / "run/samples/guest=a").iterdir())
+    # One part per flush for both guests (rows numbered across guests, 6 a flush), merged
+    # 6+6, 12+6+6 (each merge at least doubles); the fifth is still alone.
+    files = sorted(p.name for p in (tmp_path / "run/samples").iterdir())
     assert files == ["p-000000000000-000000000024.parquet", "p-000000000024-000000000030.parquet"]
     run = load_run(tmp_path / "run")
     expected = samples.frame().sort_index(kind="stable")
@@ -82,7 +82,7 @@ def test_crash_between_merge_and_cleanup_does_not_duplicate_rows(tmp_path):
     for flush in range(3):
         rows(buf, 2, "a", flush * 2)
         writer.flush(buf.frame(flush * 2), event_buffer().frame())
-    folder = tmp_path / "run/samples/guest=a"
+    folder = tmp_path / "run/samples"
     keep = tmp_path / "parts"
     shutil.copytree(folder, keep)
     assert len(list(keep.iterdir())) == 3
@@ -121,9 +121,11 @@ def _chunked_buffer(monkeypatch, n: int = 23, chunk: int = 4):
 
 def test_snapshot_frames_over_sealed_chunks_are_the_rows_appended(monkeypatch):
     buf = _chunked_buffer(monkeypatch)
-    assert len(buf._sealed) == 5 and len(buf._time) == 3  # 5 sealed chunks of 4 rows, 3 unsealed
+    # Sealed: rows 0-3, 4-7, 8 (sealed when oom_kills widened the layout at row 9), 9-12, 13-16,
+    # 17-20; rows 21 and 22 unsealed.
+    assert [len(b) for b in buf._sealed] == [4, 4, 1, 4, 4, 4] and buf._unsealed == 2
     buf.drop_head(6)  # one chunk freed, two rows of the next dropped
-    assert len(buf._sealed) == 4 and buf.total_rows == 23 and len(buf) == 17
+    assert len(buf._sealed) == 5 and buf.total_rows == 23 and len(buf) == 17
     df = buf.snapshot(6).frame()
     assert df["free_memory"].tolist() == [1000 + i for i in range(6, 23)]
     assert df["oom_kills"].isna().tolist() == [True] * 3 + [False] * 14 and df["oom_kills"].iloc[-1] == 22
@@ -223,8 +225,9 @@ def test_sync_sampler_and_live_plot_build_frames_off_the_sampling_loop(monkeypat
     MiB = 1 << 20
     builders = []
     original = BufferSnapshot.frame
+    built_rows = []
     monkeypatch.setattr(BufferSnapshot, "frame", lambda self: builders.append(threading.current_thread().name)
-                        or original(self))
+                        or built_rows.append(len(self)) or original(self))
     sampler = SyncSampler()
 
     async def on_loop(fn):
@@ -255,6 +258,24 @@ def test_sync_sampler_and_live_plot_build_frames_off_the_sampling_loop(monkeypat
                 np.testing.assert_array_equal(shown.get_ydata(), line.get_ydata(), err_msg=f"{guest} {name}")
         assert plot.points == 2 * 301 and 'data-samples="2500" data-events="2"' in plot.info.value
         assert list(plot.figure._balloonlab_lines) == ["a", "b", "gone"]  # "gone" is before the window
+
+        def more() -> None:  # one more minute of both guests, and an event dated earlier
+            for t in range(1200, 1260):
+                for guest in ("a", "b"):
+                    sampler.aio._samples.append(t * 10**9, {"guest": guest, "free_memory": t * MiB,
+                                                            "total_memory": 512 * MiB, "actual": 512 * MiB})
+            sampler.aio.record_event("b", "target", 128 * MiB, at=1150.0)
+        bl_loop.run(on_loop(more))
+        built_rows.clear()
+        assert plot.refresh() == 2620
+        assert built_rows == [120, 1]  # only the rows recorded since the last refresh were built
+        whole = plot_memory(sampler.frame(), sampler.events(), guests=["a", "b", "gone"], window=300)
+        for guest, lines in whole._balloonlab_lines.items():
+            for name, line in lines.items():
+                shown = plot.figure._balloonlab_lines[guest][name]
+                np.testing.assert_array_equal(shown.get_xdata(), line.get_xdata(), err_msg=f"{guest} {name}")
+                np.testing.assert_array_equal(shown.get_ydata(), line.get_ydata(), err_msg=f"{guest} {name}")
+        assert 'data-samples="2620" data-events="3"' in plot.info.value
     finally:
         plot.close()
         sampler.stop()
