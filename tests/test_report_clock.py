@@ -1,0 +1,99 @@
+"""The sampler's read timing against a model of QEMU's stats timer, without guests.
+
+QEMU re-arms its stats timer for one period when the guest's reply arrives, so report k+1
+comes a period plus the guest's reply latency after report k (hw/virtio/virtio-balloon.c).
+A read returns the latest report. These tests play that model for thousands of periods, with
+the latencies seen under TCG and worse, and count what the clock's reads find.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from balloonlab.record.report_clock import ReportClock
+
+
+@dataclass
+class Outcome:
+    reports: int
+    reads: int
+    lost: int
+    overdue: int
+    staleness: list[float]  # read time - report time, of each read that found a new report
+
+    def quantile(self, q: float) -> float:
+        values = sorted(self.staleness)
+        return values[int(q * (len(values) - 1))]
+
+
+def play(reports: list[float], period: int, *, start: float = 0.5, read_cost_s: float = 0.0003) -> Outcome:
+    clock, seen, t = ReportClock(), -1, start
+    reads = lost = overdue = 0
+    staleness: list[float] = []
+    while t < reports[-1] - 2 * period:
+        latest = bisect.bisect_right(reports, t) - 1
+        new = latest != seen
+        if new and seen >= 0:
+            lost += latest - seen - 1
+            staleness.append(t - reports[latest])
+        seen = latest if new else seen
+        reads += 1
+        delay = clock.next_delay(t, period, new)
+        overdue += clock.became_overdue
+        assert delay >= 0
+        t += delay + read_cost_s
+    return Outcome(seen, reads, lost, overdue, staleness)
+
+
+def qemu_reports(period: int, count: int, latency_s: float, jitter_s: float, spikes: float = 0.0,
+                 spike_s: float = 0.03, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    times = [rng.uniform(0, period)]
+    while len(times) < count:
+        late = max(0.0, rng.gauss(latency_s, jitter_s)) + (spike_s if rng.random() < spikes else 0.0)
+        times.append(times[-1] + period + late)
+    return times
+
+
+# (mean latency, its jitter, share of replies 30 ms late, staleness medians allowed): a quiet
+# guest, TCG as measured here, a busy host, and one with a late reply every 20 reports.
+PROFILES = [(0.0002, 0.0001, 0.0, 0.05), (0.002, 0.001, 0.01, 0.08), (0.005, 0.003, 0.01, 0.2),
+            (0.002, 0.004, 0.05, 0.25)]
+
+
+@pytest.mark.parametrize("latency_s, jitter_s, spikes, fresh_s", PROFILES)
+@pytest.mark.parametrize("seed", range(3))
+def test_every_report_is_read_once_with_few_reads_that_find_nothing(latency_s, jitter_s, spikes, fresh_s, seed):
+    result = play(qemu_reports(1, 3000, latency_s, jitter_s, spikes, seed=seed), 1)
+    assert result.lost == 0 and result.reports >= 2950
+    assert result.reads / result.reports <= 1.03, result.reads / result.reports
+    assert result.quantile(0.5) <= fresh_s and result.quantile(0.99) <= 0.5  # read soon after the report
+    assert result.overdue == 0  # no report was a quarter period late: no period re-read
+
+
+@pytest.mark.parametrize("period", [5, 10, 60])
+def test_longer_periods_are_read_once_per_report_too(period):
+    result = play(qemu_reports(period, 400, 0.01, 0.005, 0.01), period)
+    assert result.lost == 0 and result.reads / result.reports <= 1.04
+    assert result.quantile(0.5) <= 0.1 * period
+
+
+def test_a_report_a_quarter_period_late_is_flagged_once():
+    period = 1
+    times = qemu_reports(period, 40, 0.002, 0.001, seed=4)
+    stall_at = 20
+    times[stall_at:] = [t + 0.6 for t in times[stall_at:]]  # the guest replied 0.6 s late once
+    result = play(times, period)
+    assert result.lost == 0 and result.overdue == 1
+
+
+def test_a_paused_guest_is_read_about_once_a_period_not_in_a_busy_loop():
+    period = 1
+    times = qemu_reports(period, 30, 0.002, 0.001, seed=5)
+    times[15:] = [t + 30 for t in times[15:]]  # paused for 30 s, then reporting again
+    result = play(times, period)
+    assert result.lost == 0 and result.reads <= result.reports + 30 + 15
