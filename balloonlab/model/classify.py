@@ -10,8 +10,6 @@ consumer's last read (the record's ``resets`` count moved), last-update went bac
 
 from __future__ import annotations
 
-import dataclasses
-
 from balloonlab.model.schema import COUNTERS
 from balloonlab.model.stats import BalloonStats
 
@@ -36,17 +34,25 @@ class StatsClassifier:
             if self._last_update is not None:
                 self._reset_pending = True  # QEMU >= 8 zeroes the stats on guest reset
             self._last_update = None
-            return dataclasses.replace(record, new=False, reset=False)
+            return _with(record, False, False)
         # last-update has whole-second resolution: two reports within one second differ only
         # in their values.
         new = lu != self._last_update or record.stats != self._last_stats
         self._last_stats = record.stats
         reset = False
         if new:
-            counters = {k: v for k, v in record.stats.items() if k in COUNTERS and v is not None}
-            went_back = any(v < self._last_counters.get(k, 0) for k, v in counters.items())
+            last = self._last_counters
+            counters = {k: v for k, v in record.stats.items() if v is not None and k in COUNTERS}
+            went_back = any(v < last.get(k, 0) for k, v in counters.items())
             reset = self._reset_pending or went_back
             self._reset_pending = False
             self._last_counters = counters
             self._last_update = lu
-        return dataclasses.replace(record, new=new, reset=reset)
+        return _with(record, new, reset)
+
+
+def _with(record: BalloonStats, new: bool, reset: bool) -> BalloonStats:
+    """``record`` with ``new`` and ``reset`` set (the constructor: dataclasses.replace costs
+    several times more, and this runs once per sample)."""
+    return BalloonStats(record.read_time, record.last_update, record.stats, record.actual, new, reset,
+                        record.resets)

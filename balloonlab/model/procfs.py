@@ -38,3 +38,35 @@ def process_rss_bytes(pid: int) -> int | None:
     """RSS of a host process as libvirt computes it (``/proc/PID/stat`` field 24 x page size)."""
     fields = _stat_fields(pid)
     return int(fields[21]) * _PAGE_SIZE if fields is not None else None
+
+
+class ProcessStat:
+    """``/proc/PID/stat`` of one process through a file kept open: a read is one ``pread``,
+    with no path lookup or open per sample. Once the process is gone (reaped) the open file
+    reads as ESRCH, so a pid the kernel hands to a newcomer is never read as this process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._fd: int | None = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+
+    def rss_bytes(self) -> int | None:
+        """RSS as :func:`process_rss_bytes` gives it; None once the process is gone."""
+        if self._fd is None:
+            return None
+        try:
+            data = os.pread(self._fd, 4096, 0)
+        except OSError:
+            return None
+        return int(data[data.rindex(b")") + 2:].split()[21]) * _PAGE_SIZE
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()

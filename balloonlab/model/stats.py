@@ -40,7 +40,7 @@ def _shown(value: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BalloonStats:
     """One read of the balloon: the guest's last report plus the balloon's size.
 
@@ -105,13 +105,19 @@ def parse_guest_stats(reply: dict[str, object], *, actual: int | None = None,
         bad = next(key for key in raw if not isinstance(key, str))
         raise ValueError(f"guest-stats 'stats' has a key that is not a stat name: {_shown(bad)}")
     last_update = clean_value(reply["last-update"]) or None
-    return BalloonStats(
-        read_time=time.time() if read_time is None else read_time,
-        last_update=last_update,
-        stats={stat_name(k): clean_value(v) for k, v in raw.items()},
-        actual=actual,
-        resets=resets,
-    )
+    names = _NAMES
+    stats: dict[str, int | None] = {}
+    for key, value in raw.items():  # the per-sample path: no call per stat but the dict's
+        name = names.get(key)
+        if name is None:
+            name = names[key] = stat_name(key)
+        stats[name] = value if type(value) is int and 0 <= value < UNSET else None  # as clean_value
+    return BalloonStats(time.time() if read_time is None else read_time, last_update, stats, actual,
+                        False, False, resets)
+
+
+#: QEMU key -> stat name, filled as keys are met (a reply's keys are a handful per QEMU version).
+_NAMES: dict[str, str] = {}
 
 
 def libvirt_view(stats: BalloonStats, rss_bytes: int | None = None) -> dict[str, int]:

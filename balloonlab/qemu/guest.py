@@ -30,7 +30,7 @@ from balloonlab.image.kernel import kernel_release
 from balloonlab.model.deadline import Deadline, WaitAborted, wait_until
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
 from balloonlab.model.guest import GuestBase, rollback
-from balloonlab.model.procfs import process_rss_bytes
+from balloonlab.model.procfs import ProcessStat
 from balloonlab.model.protocols import Origin
 from balloonlab.qemu import registry as runtime
 from balloonlab.qemu.argv import build_argv, check_launch_inputs, qemu_binary_for, resolve_accel
@@ -67,6 +67,7 @@ class Guest(GuestBase):
         self._process = process
         self._reaper = reaper
         self._closed = False
+        self._stat: ProcessStat | None = None  # /proc/PID/stat kept open for rss
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -256,7 +257,11 @@ class Guest(GuestBase):
 
     def rss_bytes(self) -> int | None:
         """Host RSS of the QEMU process (libvirt's ``rss``), when its pid is known."""
-        return process_rss_bytes(self.pid) if self.pid is not None else None
+        if self.pid is None:
+            return None
+        if self._stat is None or self._stat.pid != self.pid:
+            self._stat = ProcessStat(self.pid)
+        return self._stat.rss_bytes()
 
     # -- ownership and shutdown -----------------------------------------------------------
     async def detach(self) -> None:
@@ -348,6 +353,9 @@ class Guest(GuestBase):
         return await wait_until(lambda: not self.monitor.connected, timeout_s)
 
     async def _disconnect(self) -> None:
+        if self._stat is not None:
+            self._stat.close()
+            self._stat = None
         if self._workload is not None:
             await self._workload.close()
         await self.monitor.close()
