@@ -4,8 +4,9 @@ The figure is drawn once by :func:`balloonlab.analysis.plotting.plot_memory`; a 
 :func:`balloonlab.analysis.plotting.update_memory_plot` (``set_data`` + ``draw_idle``) with the growing
 frames. Each refresh takes snapshots of the sampler's buffers on balloonlab's loop (1-2 ms
 at 10 M rows here) and builds the frames elsewhere, so the sampling loop never waits for a
-plot: only the rows of the shown window are built (the counts in the info line are the
-whole run's). Inside a notebook kernel the timer is an asyncio task on the
+plot. Each refresh builds only the rows recorded since the previous one (the first, only the
+window's) and appends them to the frames it keeps, cut to the window (the counts in the info
+line are the whole run's). Inside a notebook kernel the timer is an asyncio task on the
 kernel's own loop: it runs between cells, awaits the snapshots without blocking, builds the
 frames in a worker thread, and touches the figure only on the kernel's main thread
 (matplotlib is not thread-safe, and ipympl renders on that thread when the browser asks).
@@ -31,7 +32,7 @@ import pandas as pd
 from balloonlab.analysis.plotting import plot_memory, update_memory_plot
 from balloonlab.blocking import SyncSampler
 from balloonlab.blocking import loop as _loop
-from balloonlab.record.buffer import BufferSnapshot
+from balloonlab.record.buffer import BufferSnapshot, concat_frames
 
 log = logging.getLogger(__name__)
 #: Window choices: label -> seconds (0 means the whole run).
@@ -53,24 +54,46 @@ class _PlotData:
     last: pd.Timestamp | None  # the latest sample's time
 
 
-def _build_plot_data(samples: BufferSnapshot, events: BufferSnapshot, window: int) -> _PlotData:
-    """The frames a refresh draws, built from snapshots on the calling thread.
+class _Shown:
+    """What a live plot shows, grown tick by tick: each refresh builds only the rows recorded
+    since the last one (the first builds only the window's) and appends them to the frames
+    kept, which are cut to the window. Counts and guests are the whole run's.
 
-    With a window, only rows at most ``window`` seconds (and a second of margin) before the
-    latest row of either snapshot are built: :func:`update_memory_plot` would cut the same
-    window out of the whole frames, measured from the same latest row.
+    Not thread-safe: one refresh at a time (:class:`LivePlot` holds a lock around it).
     """
-    ends = [t for t in (samples.max_time_ns(), events.max_time_ns()) if t is not None]
-    if window and ends:
-        since = max(ends) - (window + 1) * 1_000_000_000
-        shown, shown_events = samples.since(since), events.since(since)
-    else:
-        shown, shown_events = samples, events
-    names = samples.categories_present("guest")
-    names += [g for g in events.categories_present("guest") if g not in names]
-    last = samples.max_time_ns()
-    return _PlotData(shown.frame(), shown_events.frame(), window, len(samples), len(events), names,
-                     None if last is None else pd.Timestamp(last, unit="ns", tz="UTC"))
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.next = (0, 0)  # rows of (samples, events) already built: the next snapshot starts here
+        self._samples: pd.DataFrame | None = None
+        self._events: pd.DataFrame | None = None
+        self._sample_guests: set[str] = set()
+        self._event_guests: set[str] = set()
+        self._last_ns: int | None = None
+
+    def update(self, samples: BufferSnapshot, events: BufferSnapshot) -> _PlotData:
+        """Add the rows of snapshots taken from :attr:`next` on; the data to draw."""
+        self.next = (samples.start + len(samples), events.start + len(events))
+        self._sample_guests.update(samples.categories_present("guest"))
+        self._event_guests.update(events.categories_present("guest"))
+        ends = [t for t in (samples.max_time_ns(), events.max_time_ns(), self._last_ns) if t is not None]
+        if samples.max_time_ns() is not None:
+            self._last_ns = max(t for t in (samples.max_time_ns(), self._last_ns) if t is not None)
+        since = max(ends) - (self.window + 1) * 1_000_000_000 if self.window and ends else None
+        if since is not None and self._samples is None:  # the first tick: only the window's rows
+            samples, events = samples.since(since), events.since(since)
+        self._samples = self._grow(self._samples, samples.frame(), since)
+        self._events = self._grow(self._events, events.frame(), since)
+        names = sorted(self._sample_guests) + sorted(self._event_guests - self._sample_guests)
+        last = None if self._last_ns is None else pd.Timestamp(self._last_ns, unit="ns", tz="UTC")
+        return _PlotData(self._samples, self._events, self.window, self.next[0], self.next[1], names, last)
+
+    @staticmethod
+    def _grow(kept: pd.DataFrame | None, new: pd.DataFrame, since: int | None) -> pd.DataFrame:
+        frame = new if kept is None or not len(kept) else concat_frames([kept, new]) if len(new) else kept
+        if since is not None and len(frame) and frame.index.asi8.min() < since:
+            frame = frame[frame.index.asi8 >= since]  # rows may come out of time order (events)
+        return frame
 
 
 class LivePlot:
@@ -122,21 +145,33 @@ class LivePlot:
         self.widget = w.VBox([w.HBox([self.window, self.info]), self._view])
         self.samples = 0
         self.points = 0
+        self._shown = _Shown(int(self.window.value))
+        self._build_lock = threading.Lock()
 
     # -- drawing --------------------------------------------------------------------------
     def _guest_names(self) -> list[str] | None:
         guests = self._guests() if callable(self._guests) else self._guests
         return list(guests) if guests is not None else None
 
-    async def _snapshots(self) -> tuple[BufferSnapshot, BufferSnapshot]:
-        """On balloonlab's loop: the sampler's rows, frozen (nothing is built there)."""
-        return self.sampler.aio.samples_snapshot(), self.sampler.aio.events_snapshot()
+    async def _snapshots(self) -> tuple[_Shown, BufferSnapshot, BufferSnapshot]:
+        """On balloonlab's loop: the sampler's rows not yet shown, frozen (nothing is built there)."""
+        shown = self._shown
+        s0, e0 = shown.next
+        return shown, self.sampler.aio.samples_snapshot(s0), self.sampler.aio.events_snapshot(e0)
+
+    def _build(self, shown: _Shown, samples: BufferSnapshot, events: BufferSnapshot) -> _PlotData | None:
+        """Grow the shown rows (any thread); None when the window changed since the snapshots."""
+        with self._build_lock:
+            if shown is not self._shown or (samples.start, events.start) != shown.next:
+                return None
+            return shown.update(samples, events)
 
     def refresh(self) -> int:
-        """Redraw now with the sampler's frames, built on this thread (blocks briefly);
-        returns the samples count."""
-        samples, events = _loop.run(self._snapshots(), timeout_s=30)
-        data = _build_plot_data(samples, events, self.window.value)
+        """Redraw now with the rows recorded since the last refresh, built on this thread
+        (blocks briefly); returns the samples count."""
+        data = None
+        while data is None:  # a window change between the snapshots and the build: again
+            data = self._build(*_loop.run(self._snapshots(), timeout_s=30))
         self._tick()
         self._draw(data)
         return self.samples
@@ -178,6 +213,8 @@ class LivePlot:
 
     def _replot_soon(self) -> None:
         self._names = None  # the window is fixed when the axes are made: make them again
+        with self._build_lock:
+            self._shown = _Shown(int(self.window.value))  # other rows: build them again
         if self.running:
             return  # the timer redraws within refresh_s
         try:
@@ -217,9 +254,11 @@ class LivePlot:
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
-                samples, events = await asyncio.wrap_future(_loop.submit(self._snapshots()))
+                snapshots = await asyncio.wrap_future(_loop.submit(self._snapshots()))
                 # Built in a worker thread: the kernel stays free; drawn here, on its thread.
-                data = await asyncio.to_thread(_build_plot_data, samples, events, self.window.value)
+                data = await asyncio.to_thread(self._build, *snapshots)
+                if data is None:
+                    continue  # the window changed meanwhile: the next tick builds it
                 self._tick()
                 self._draw(data)
             except asyncio.CancelledError:
