@@ -32,7 +32,7 @@ from balloonlab.model.errors import (
 )
 from balloonlab.model.stats import format_dommemstat, libvirt_view
 from balloonlab.model.units import format_size, parse_size
-from balloonlab.qemu import Balloon, Guest, Monitor, QMPEvent, list_guests
+from balloonlab.qemu import Balloon, Guest, Monitor, QMPEvent, attach_many, list_guests
 from balloonlab.record import Run, Sampler, SamplingState, load_run, new_run_dir
 from balloonlab.record import store as store  # deprecated path, see below
 
@@ -48,7 +48,7 @@ __all__ = [
     "MonitorError", "QMPEvent", "Run", "Sampler", "SamplingState", "Schedule", "SettleResult",
     "StatsClassifier", "StatsUnavailable", "SyncBalloon", "SyncGuest", "SyncLibvirtGuest", "SyncSampler",
     "SyncWorkload", "Workload", "builtin_spec", "dashboard", "format_dommemstat", "format_size",
-    "libvirt_view", "list_guests", "load_domain_xml", "load_run", "new_run_dir", "parse_domain_xml",
+    "attach_many", "libvirt_view", "list_guests", "load_domain_xml", "load_run", "new_run_dir", "parse_domain_xml",
     "parse_size", "plot_memory", "render_domain_xml", "run_experiment", "validate_period",
 ]
 

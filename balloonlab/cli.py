@@ -92,7 +92,7 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- list, stop
 
 def _running_guests() -> list[RegistryEntry]:
-    from balloonlab.qemu.guest import list_guests
+    from balloonlab.qemu.fleet import list_guests
     try:
         return list_guests()
     except OSError as exc:

@@ -394,8 +394,3 @@ class Guest(GuestBase):
 
     def __repr__(self) -> str:
         return f"<Guest {self.name} {self.origin} pid={self.pid}{' detached' if self.detached else ''}>"
-
-
-def list_guests() -> list[runtime.RegistryEntry]:
-    """Guests balloonlab launched that are running on this host (stale entries swept)."""
-    return runtime.list_guests()
