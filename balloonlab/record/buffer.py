@@ -119,8 +119,8 @@ class RowBuffer:
             layout = self._layout
         get = row.get
         ints = [MISSING if (v := get(n)) is None else v for n in layout.ints]
-        rest = ([self._code(n, get(n)) for n in layout.categories]
-                + [math.nan if (v := get(n)) is None else v for n in layout.floats]
+        rest = ([math.nan if (v := get(n)) is None else v for n in layout.floats]
+                + [self._code(n, get(n)) for n in layout.categories]
                 + [bool(get(n)) for n in layout.bools])
         try:
             packed = layout.packer.pack(time_ns, *ints, *rest)

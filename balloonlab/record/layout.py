@@ -29,7 +29,8 @@ _NUMPY_CODES = {"int": "<i8", "epoch_s": "<i8", "category": "<u2", "float": "<f8
 @dataclass(frozen=True)
 class Layout:
     """How one run of rows is packed: the fixed-size columns grouped by kind (so a row's pack
-    arguments are a concatenation), and the text columns kept beside them."""
+    arguments are a concatenation: time, ints, floats, category codes, bools), and the text
+    columns kept beside them."""
 
     kinds: dict[str, Kind]
     ints: tuple[str, ...]
@@ -45,11 +46,18 @@ class Layout:
         groups: dict[str, list[str]] = {"int": [], "category": [], "float": [], "bool": [], "str": []}
         for name, kind in kinds.items():
             groups["int" if kind == "epoch_s" else kind].append(name)
-        packed = ("time", *groups["int"], *groups["category"], *groups["float"], *groups["bool"])
+        # 8-byte fields first and the row padded to 8 bytes: every int64/float64 is aligned,
+        # which numpy copies several times faster than unaligned fields.
+        packed = ("time", *groups["int"], *groups["float"], *groups["category"], *groups["bool"])
         all_kinds: dict[str, Kind] = {"time": "int", **kinds}
-        packer = struct.Struct("<" + "".join(_STRUCT_CODES[all_kinds[n]] for n in packed))
-        dtype = np.dtype([(n, _NUMPY_CODES[all_kinds[n]]) for n in packed])  # packed, like '<' in struct
-        assert dtype.itemsize == packer.size
+        codes = "".join(_STRUCT_CODES[all_kinds[n]] for n in packed)
+        pad = -struct.calcsize("<" + codes) % 8
+        packer = struct.Struct("<" + codes + "x" * pad)
+        fields = np.dtype([(n, _NUMPY_CODES[all_kinds[n]]) for n in packed])  # packed, like '<' in struct
+        padded: Any = {"names": list(packed), "formats": [fields[n] for n in packed],
+                       "offsets": [fields.fields[n][1] for n in packed] if fields.fields else [],
+                       "itemsize": packer.size}
+        dtype = np.dtype(padded)
         return cls(dict(kinds), tuple(groups["int"]), tuple(groups["category"]), tuple(groups["float"]),
                    tuple(groups["bool"]), tuple(groups["str"]), packer, dtype)
 
