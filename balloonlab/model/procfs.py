@@ -7,6 +7,7 @@ a zombie that is gone but not reaped) are written here once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -43,17 +44,20 @@ def process_rss_bytes(pid: int) -> int | None:
 class ProcessStat:
     """``/proc/PID/stat`` of one process through a file kept open: a read is one ``pread``,
     with no path lookup or open per sample. Once the process is gone (reaped) the open file
-    reads as ESRCH, so a pid the kernel hands to a newcomer is never read as this process."""
+    reads as ESRCH, so a pid the kernel hands to a newcomer is never read as this process.
+    Asked about another pid, it opens that one's file instead."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        try:
-            self._fd: int | None = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self._fd = None
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self._fd: int | None = None
 
-    def rss_bytes(self) -> int | None:
-        """RSS as :func:`process_rss_bytes` gives it; None once the process is gone."""
+    def rss_bytes(self, pid: int | None) -> int | None:
+        """RSS of ``pid`` as :func:`process_rss_bytes` gives it; None once it is gone."""
+        if pid != self.pid:
+            self.close()
+            self.pid = pid
+            with contextlib.suppress(OSError):
+                self._fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC) if pid is not None else None
         if self._fd is None:
             return None
         try:
@@ -63,8 +67,8 @@ class ProcessStat:
         return int(data[data.rindex(b")") + 2:].split()[21]) * _PAGE_SIZE
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
-        fd, self._fd = self._fd, None
+        """Close the file (idempotent; the next read opens it again)."""
+        fd, self._fd, self.pid = self._fd, None, None
         if fd is not None:
             os.close(fd)
 

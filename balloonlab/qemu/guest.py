@@ -67,7 +67,7 @@ class Guest(GuestBase):
         self._process = process
         self._reaper = reaper
         self._closed = False
-        self._stat: ProcessStat | None = None  # /proc/PID/stat kept open for rss
+        self._stat = ProcessStat()  # /proc/PID/stat kept open for rss
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -257,11 +257,7 @@ class Guest(GuestBase):
 
     def rss_bytes(self) -> int | None:
         """Host RSS of the QEMU process (libvirt's ``rss``), when its pid is known."""
-        if self.pid is None:
-            return None
-        if self._stat is None or self._stat.pid != self.pid:
-            self._stat = ProcessStat(self.pid)
-        return self._stat.rss_bytes()
+        return self._stat.rss_bytes(self.pid)
 
     # -- ownership and shutdown -----------------------------------------------------------
     async def detach(self) -> None:
@@ -336,12 +332,20 @@ class Guest(GuestBase):
         assert self.paths is not None
         console = self.paths.console_log
 
+        offset = 0  # bytes of the console already searched: each poll reads only what is new
+
         def printed() -> bool:
-            with contextlib.suppress(OSError):
-                return marker in console.read_bytes()
+            nonlocal offset
+            start = max(0, offset - len(marker) + 1)  # the marker may straddle two reads
+            with contextlib.suppress(OSError), open(console, "rb") as log_file:
+                log_file.seek(start)
+                data = log_file.read()
+                offset = start + len(data)
+                return marker in data
             return False
         try:
-            ready = await wait_until(printed, timeout_s, failed=lambda: self._exited("while the guest booted"))
+            ready = await wait_until(printed, timeout_s, poll_s=0.01,
+                                     failed=lambda: self._exited("while the guest booted"))
         except WaitAborted as exc:
             raise LaunchError(str(exc)) from None
         if not ready:
@@ -353,9 +357,7 @@ class Guest(GuestBase):
         return await wait_until(lambda: not self.monitor.connected, timeout_s)
 
     async def _disconnect(self) -> None:
-        if self._stat is not None:
-            self._stat.close()
-            self._stat = None
+        self._stat.close()
         if self._workload is not None:
             await self._workload.close()
         await self.monitor.close()
