@@ -76,7 +76,7 @@ class Workload:
                 # A timed-out ping may still be answered later: start the stream afresh.
                 await self.close()
                 return False
-        if not await wait_until(answered, timeout_s, poll_s=0.1):
+        if not await wait_until(answered, timeout_s, poll_s=0.02):
             raise AgentError(f"workload agent on {self.socket_path} did not answer within {timeout_s} s "
                              f"(last error: {last_error})")
 
