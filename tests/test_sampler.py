@@ -185,16 +185,21 @@ async def test_experiment_refuses_targets_above_memory_before_any_guest_starts(s
 
 
 async def test_experiment_runs_schedules_and_writes_a_complete_run(spec, tmp_path):
-    exp = Experiment([spec()], duration_s=10, balloon=Schedule.steps(["512M", "256M", "512M"], 3),
+    # A 64 MiB inflate: a TCG guest does it well within its 3 s step even on a loaded host
+    # (a 256 MiB one took longer than 3 s once, with other QEMUs starving the guest's vCPU).
+    exp = Experiment([spec()], duration_s=10, balloon=Schedule.steps(["512M", "448M", "512M"], 3),
                      workload=Schedule.steps([0, "64M", 0], 3, kind="workload"), run_root=tmp_path,
                      flush_interval_s=1)
     run = await exp.run()
     kinds = set(run.events["kind"])
     assert {"launch", "target", "workload", "balloon_change", "shutdown"} <= kinds
     assert len(run.samples) >= 6
-    assert run.samples["actual"].min() <= 260 * MiB  # the inflate really happened
+    # The inflate shows in the samples' actual (read while the balloon moves), as it does in
+    # QEMU's own BALLOON_CHANGE events.
+    changes = run.events[run.events["kind"] == "balloon_change"]["value"]
+    assert run.samples["actual"].min() <= 452 * MiB and changes.min() <= 452 * MiB
     assert run.plot_path.exists() and run.plot_path.read_bytes()[:4] == b"\x89PNG"
-    assert run.metadata["schedule"]["balloon"][1] == [3, 256 * MiB]
+    assert run.metadata["schedule"]["balloon"][1] == [3, 448 * MiB]
 
 
 async def test_a_removed_and_readded_guest_records_each_event_once(guest):
