@@ -4,14 +4,14 @@ The flat public API. The async core (``Guest``, ``Balloon``, ``Sampler``) and it
 twins for notebooks and scripts (``SyncGuest``, ``SyncSampler``) are re-exported here from
 the layer packages (see README.md, "Where things live"). The widgets and the libvirt backend
 load only when asked for (``bl.dashboard``, ``bl.LibvirtGuest``, ``bl.SyncLibvirtGuest``), so
-an analysis script's ``import balloonlab`` needs neither ipywidgets nor libvirt-python.
+an analysis script's ``import balloonlab`` needs neither ipywidgets nor libvirt-python;
+matplotlib loads with the first plot (``bl.plot_memory``, ``df.balloon.plot()``).
 """
 
 import sys
 
 from balloonlab import analysis as analysis  # registers the df.balloon accessor
 from balloonlab._version import __version__ as __version__
-from balloonlab.analysis.plotting import plot_memory
 from balloonlab.blocking import SyncBalloon, SyncGuest, SyncSampler, SyncWorkload, run_experiment
 from balloonlab.domain import DomainSpec, MemballoonSpec, load_domain_xml, parse_domain_xml, render_domain_xml
 from balloonlab.experiments import Experiment, Schedule
@@ -59,6 +59,9 @@ def __getattr__(name: str) -> object:
     if name == "dashboard":
         from balloonlab.widgets import dashboard
         return dashboard
+    if name == "plot_memory":  # matplotlib takes longer to import than the rest of balloonlab
+        from balloonlab.analysis.plotting import plot_memory
+        return plot_memory
     if name == "LibvirtGuest":
         from balloonlab.libvirt import LibvirtGuest
         return LibvirtGuest

@@ -113,10 +113,10 @@ def test_the_rule_catches_upward_sideways_private_and_relative_imports(tmp_path)
     assert violations("balloonlab.qemu.bad", bad)  # the QEMU backend never imports libvirt's
 
 
-def test_import_balloonlab_loads_no_widget_or_libvirt_code():
+def test_import_balloonlab_loads_no_widget_libvirt_or_plotting_code():
     code = ("import sys, balloonlab; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('ipywidgets', 'libvirt', 'libvirt_qemu', 'ipympl') or m.startswith(('balloonlab.widgets', "
-            "'balloonlab.libvirt', 'balloonlab.blocking.libvirt'))))")
+            "('ipywidgets', 'libvirt', 'libvirt_qemu', 'ipympl', 'matplotlib') or m.startswith(('balloonlab.widgets', "
+            "'balloonlab.libvirt', 'balloonlab.blocking.libvirt', 'balloonlab.analysis.plotting'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -127,7 +127,8 @@ def test_lazy_names_resolve():
     from balloonlab.libvirt import LibvirtGuest
     assert bl.LibvirtGuest is LibvirtGuest and bl.SyncLibvirtGuest is SyncLibvirtGuest
     assert callable(bl.dashboard)
-    assert set(bl.__all__) <= set(dir(bl)) | {"dashboard", "LibvirtGuest", "SyncLibvirtGuest"}
+    assert callable(bl.plot_memory)
+    assert set(bl.__all__) <= set(dir(bl)) | {"dashboard", "LibvirtGuest", "SyncLibvirtGuest", "plot_memory"}
 
 
 @pytest.mark.parametrize("name, path", [m for m in modules() if m[1].name == "__init__.py"],
