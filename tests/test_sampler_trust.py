@@ -132,14 +132,14 @@ async def test_a_period_changed_behind_balloonlabs_back_is_noticed_and_recorded(
 
 async def test_a_steady_counter_gives_a_steady_rate(spec):
     """The guest's churn faults pages at a fixed pace of its own clock; whole-second
-    last-update differences (2, 3 or 4 at a 3 s period) would make its rate jump by a third."""
-    async with await Guest.launch(spec(period_s=3)) as guest:
+    last-update differences (1, 2 or 3 at a 2 s period) would make its rate jump by half."""
+    async with await Guest.launch(spec(period_s=2)) as guest:
         await guest.balloon.wait_for_stats(30)
         await guest.workload.churn(True)
         try:
             async with Sampler() as sampler:
                 await sampler.add(guest)
-                await asyncio.sleep(42)
+                await asyncio.sleep(28)
         finally:
             await guest.workload.churn(False)
     rates = sampler.frame().balloon.rates()["minor_faults_per_s"].dropna().astype(float)
