@@ -440,3 +440,22 @@ async def test_a_slow_flush_never_stalls_the_loop_and_rows_appended_meanwhile_go
     await sampler.stop()
     run = load_run(tmp_path / "run")
     assert len(run.samples) == appended and run.samples["free_memory"].tolist() == [1000 + i for i in range(appended)]
+
+
+async def test_guest_metadata_reaches_run_json_with_the_next_flush_not_a_rewrite_per_guest(tmp_path, monkeypatch):
+    from balloonlab.model import files
+    sampler = Sampler(run_dir=tmp_path / "run", flush_interval_s=600)
+    await sampler.start()
+    writes, real = [], files.atomic_write_json
+    monkeypatch.setattr(store, "atomic_write_json", lambda path, *a, **k: writes.append(path) or real(path, *a, **k))
+    for i in range(200):  # what Sampler.add does per guest, without guests to attach
+        sampler._writer.stage_guest(f"g{i}", {"backend": "qmp", "index": i})
+    assert writes == []  # staged: 200 guests did not mean 200 rewrites of a growing file
+    await sampler.flush()
+    assert len(writes) == 1
+    on_disk = json.loads((tmp_path / "run/run.json").read_text())
+    assert on_disk["status"] == "running" and len(on_disk["guests"]) == 200 and on_disk["guests"]["g7"]["index"] == 7
+    await sampler.flush()
+    assert len(writes) == 1  # nothing new staged: not written again
+    await sampler.stop()
+    assert load_run(tmp_path / "run").metadata["guests"]["g199"] == {"backend": "qmp", "index": 199}

@@ -122,8 +122,8 @@ class Sampler:
             return
         self.started = time.time()
         if self._writer is not None:
-            self._writer.write_metadata(status="running", start=_iso(self.started), guests={},
-                                        **self._metadata)
+            self._writer.metadata.setdefault("guests", {})  # guests added before start() stay
+            self._writer.write_metadata(status="running", start=_iso(self.started), **self._metadata)
             assert self._stream is not None
             self._flush_task = asyncio.get_running_loop().create_task(self._stream.run(self.flush_interval_s),
                                                                       name="balloonlab-flush")
@@ -178,7 +178,7 @@ class Sampler:
         if self._writer is not None:
             with contextlib.suppress(BalloonLabError):
                 meta = await guest.metadata()
-                self._writer.write_metadata(guests={**self._writer.metadata.get("guests", {}), guest.name: meta})
+                self._writer.stage_guest(guest.name, meta)  # into run.json with the next flush
         if self.started is not None:
             self._start_task(guest, state)
 

@@ -86,6 +86,8 @@ class RunWriter:
         self._durable = dict.fromkeys(TABLES, 0)  # every row numbered below is on disk
         self._parts: dict[str, list[_Part]] = {table: [] for table in TABLES}
         self._folders: set[Path] = set()
+        #: Metadata changed since run.json was last written (see :meth:`stage_guest`).
+        self.staged = False
         self._exit_flush: tuple[Callable[[], object], asyncio.AbstractEventLoop | None] | None = None
 
     @property
@@ -100,7 +102,30 @@ class RunWriter:
         """
         self.metadata.update(fields)
         self.metadata.setdefault("format", RUN_FORMAT)
+        self.staged = False
         atomic_write_json(self.path / "run.json", self.metadata, fsync=True)
+
+    def stage_guest(self, name: str, metadata: dict[str, Any]) -> None:
+        """Add a guest's metadata to run.json at the next :meth:`flush` (or metadata write):
+        rewriting the whole file per guest would be quadratic in the guests added."""
+        self.metadata.setdefault("guests", {})[name] = metadata
+        self.staged = True
+
+    def staged_metadata(self) -> dict[str, Any] | None:
+        """On the thread that stages: a copy of the metadata to write, when some was staged
+        since the last write (None otherwise). The copy is what a flush in another thread
+        writes, so that thread never reads a dict this one is changing."""
+        if not self.staged:
+            return None
+        self.staged = False
+        return {key: dict(value) if isinstance(value, dict) else value for key, value in self.metadata.items()}
+
+    def write_staged(self, metadata: dict[str, Any]) -> None:
+        """Write a :meth:`staged_metadata` copy as run.json (any thread).
+
+        :raises OSError: the write failed (the caller stages again).
+        """
+        atomic_write_json(self.path / "run.json", {"format": RUN_FORMAT, **metadata}, fsync=True)
 
     def flush(self, samples: pd.DataFrame, events: pd.DataFrame,
               first: tuple[int, int] | None = None) -> tuple[int, int]:

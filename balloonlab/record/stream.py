@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Any
 
 from balloonlab.record.buffer import BufferSnapshot, RowBuffer
 from balloonlab.record.store import RunWriter
@@ -43,6 +44,10 @@ class RunStream:
             return
         try:
             await asyncio.to_thread(self._write, *pending)
+        except OSError:
+            if pending[-1] is not None:
+                self.writer.staged = True  # run.json was not written: next time
+            raise
         finally:
             self._after()
 
@@ -53,6 +58,10 @@ class RunStream:
             return
         try:
             self._write(*pending)
+        except OSError:
+            if pending[-1] is not None:
+                self.writer.staged = True
+            raise
         finally:
             self._after()
 
@@ -77,18 +86,23 @@ class RunStream:
         except OSError as exc:
             log.error("could not flush the run to %s: %s", self.writer.path, exc)
 
-    def _pending(self) -> tuple[int, int, BufferSnapshot, BufferSnapshot] | None:
-        """On the loop: the rows not yet on disk, frozen (None when there are none)."""
+    def _pending(self) -> tuple[int, int, BufferSnapshot, BufferSnapshot, dict[str, Any] | None] | None:
+        """On the loop: the rows not yet on disk, frozen, and run.json's staged metadata
+        (None when there is nothing to write)."""
         (s0, e0), (samples, events) = self.flushed, self._buffers
         s1, e1 = samples.total_rows, events.total_rows
-        if s1 <= s0 and e1 <= e0:
+        metadata = self.writer.staged_metadata()
+        if s1 <= s0 and e1 <= e0 and metadata is None:
             return None
-        return s0, e0, samples.snapshot(s0, s1), events.snapshot(e0, e1)
+        return s0, e0, samples.snapshot(s0, s1), events.snapshot(e0, e1), metadata
 
-    def _write(self, s0: int, e0: int, samples: BufferSnapshot, events: BufferSnapshot) -> None:
+    def _write(self, s0: int, e0: int, samples: BufferSnapshot, events: BufferSnapshot,
+               metadata: dict[str, Any] | None) -> None:
         """Any thread, one at a time: build the frames and hand them to the writer."""
         with self._lock:
             self.writer.flush(samples.frame(), events.frame(), first=(s0, e0))
+            if metadata is not None:
+                self.writer.write_staged(metadata)
 
     def _after(self) -> None:
         """On the loop: count what is on disk (also after a failure part-way) and drop the
