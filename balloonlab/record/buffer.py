@@ -47,6 +47,7 @@ class RowBuffer:
 
     def __init__(self, columns: Mapping[str, Kind], *, dynamic_kind: Kind | None = None) -> None:
         self._layout = Layout.of(columns)
+        self._chunk_bytes = CHUNK_ROWS * self._layout.row_bytes  # seal when the open rows reach this
         self._dynamic_kind = dynamic_kind
         self._categories: dict[str, dict[str, int]] = {n: {} for n, k in columns.items() if k == "category"}
         self._rows = bytearray()
@@ -90,6 +91,7 @@ class RowBuffer:
             raise KeyError(f"unknown column {new[0]!r}")
         self._seal()  # the rows so far keep the layout they were packed with
         self._layout = Layout.of({**self._layout.kinds, **dict.fromkeys(new, self._dynamic_kind)})
+        self._chunk_bytes = CHUNK_ROWS * self._layout.row_bytes
         self._texts = {n: self._texts.get(n, []) for n in self._layout.texts}
         for name in new:
             if self._dynamic_kind == "category":
@@ -117,19 +119,17 @@ class RowBuffer:
         if not row.keys() <= layout.kinds.keys():
             self._add_columns(row)
             layout = self._layout
-        get = row.get
-        ints = [MISSING if (v := get(n)) is None else v for n in layout.ints]
-        rest = ([math.nan if (v := get(n)) is None else v for n in layout.floats]
-                + [self._code(n, get(n)) for n in layout.categories]
-                + [bool(get(n)) for n in layout.bools])
         try:
-            packed = layout.packer.pack(time_ns, *ints, *rest)
-        except struct.error:  # an int beyond int64, or a number that is not an int
-            packed = layout.packer.pack(time_ns, *[_int_or_missing(v) for v in ints], *rest)
-        self._rows += packed
+            self._rows += layout.pack_row(time_ns, row, self._code)
+        except struct.error:  # an int beyond int64, or a number that is not an int: the slow way
+            get = row.get
+            self._rows += layout.packer.pack(
+                time_ns, *[MISSING if (v := get(n)) is None else _int_or_missing(v) for n in layout.ints],
+                *[math.nan if (v := get(n)) is None else v for n in layout.floats],
+                *[self._code(n, get(n)) for n in layout.categories], *[bool(get(n)) for n in layout.bools])
         for name, texts in self._texts.items():
-            texts.append(get(name))  # type: ignore[arg-type]
-        if len(self._rows) >= CHUNK_ROWS * layout.row_bytes:
+            texts.append(row.get(name))  # type: ignore[arg-type]
+        if len(self._rows) >= self._chunk_bytes:
             self._seal()
 
     def extend(self, frame: pd.DataFrame) -> None:
