@@ -25,8 +25,13 @@ Run it as its own process (so its CPU is not the sampler's)::
 
     .venv/bin/python benchmarks/qmp_simulator.py --dir /tmp/sim --count 1000
 
-It prints ``READY <count> <dir>`` once every socket listens and serves until SIGTERM/SIGINT.
-:func:`start` does that from another script and returns the process and socket paths.
+It prints ``READY <count> <dir>`` once every socket listens and serves until SIGTERM/SIGINT,
+then one JSON line of counters. One process serves up to about :data:`GUESTS_PER_PROCESS`
+guests at a 1 s period before it is the bottleneck, so larger counts are spread over several
+(``--procs``, default ``ceil(count / 1500)``): each serves a contiguous range of the sockets
+(``--first``), all in one folder, and the parent of ``--procs`` > 1 relays READY and the summed
+counters. :func:`start` does that from another script and returns the processes (one
+:class:`Simulators`, Popen-like) and the socket paths.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -42,8 +48,9 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +67,9 @@ DEVICE_PROPS = [{"name": "type", "type": "string"}, {"name": "parent_bus", "type
                 {"name": "free-page-reporting", "type": "bool"}, {"name": "guest-stats", "type": "guest statistics"},
                 {"name": POLLING, "type": "int"}, {"name": "virtio-backend", "type": "child<virtio-balloon-device>"}]
 _DECODER = json.JSONDecoder()
+#: Guests one simulator process serves by default (a 1 s period costs it about a third of a
+#: core at this count; more processes are started for more guests).
+GUESTS_PER_PROCESS = 1500
 
 
 class FakeBalloon:
@@ -245,9 +255,26 @@ class QMPServerProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-def socket_paths(directory: str | os.PathLike[str], count: int) -> list[Path]:
-    """The socket of each simulated guest, in order."""
-    return [Path(directory) / f"g{i:05d}.sock" for i in range(count)]
+def socket_paths(directory: str | os.PathLike[str], count: int, first: int = 0) -> list[Path]:
+    """The socket of each simulated guest, in order (guests ``first`` .. ``first + count - 1``)."""
+    return [Path(directory) / f"g{i:05d}.sock" for i in range(first, first + count)]
+
+
+def default_processes(count: int) -> int:
+    """How many processes :func:`start` spreads ``count`` guests over by default."""
+    return max(1, math.ceil(count / GUESTS_PER_PROCESS))
+
+
+def shards(count: int, processes: int) -> list[tuple[int, int]]:
+    """``(first, count)`` of each process's contiguous range of guests, as even as can be."""
+    processes = max(1, min(processes, count)) if count else 1
+    base, extra = divmod(count, processes)
+    out, first = [], 0
+    for k in range(processes):
+        n = base + (1 if k < extra else 0)
+        out.append((first, n))
+        first += n
+    return out
 
 
 def raise_nofile() -> int:
@@ -258,7 +285,7 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def serve(directory: Path, count: int, period: int) -> None:
+async def serve(directory: Path, count: int, period: int, first: int = 0) -> None:
     limit = raise_nofile()
     if limit < 2 * count + 64:
         raise SystemExit(f"open-files limit {limit} is too low for {count} guests (need ~{2 * count + 64})")
@@ -266,7 +293,7 @@ async def serve(directory: Path, count: int, period: int) -> None:
     loop = asyncio.get_running_loop()
     counters = {"connections": 0, "commands": 0, "guest_stats": 0}
     servers = []
-    for i, path in enumerate(socket_paths(directory, count)):
+    for i, path in enumerate(socket_paths(directory, count, first), first):
         with_period = FakeBalloon(i)
         if period:
             with_period.set_period(period)
@@ -289,34 +316,150 @@ async def serve(directory: Path, count: int, period: int) -> None:
     watcher.cancel()
     for server in servers:
         server.close()
-    for path in socket_paths(directory, count):
+    for path in socket_paths(directory, count, first):
         path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # the starter may be gone
         print(json.dumps(counters), flush=True)
 
 
-def start(directory: str | os.PathLike[str], count: int, *, period: int = 0, cpus: Sequence[int] | None = None,
-          timeout_s: float = 60.0) -> tuple[subprocess.Popen[str], list[Path]]:
-    """Run the simulator as a child process (optionally pinned to ``cpus``); wait for READY.
+class Simulators:
+    """The simulator processes of one :func:`start`, used like one ``subprocess.Popen``.
 
-    The caller stops it with ``proc.terminate()`` + ``proc.wait()`` (by its pid, in a finally).
+    ``pid`` is the first process's (``pids``: all of them); :meth:`terminate`, :meth:`kill`,
+    :meth:`poll` and :meth:`wait` act on all; :meth:`communicate` waits for all and returns
+    their counters summed, as one JSON line (as a single process prints them).
     """
-    argv = [sys.executable, str(Path(__file__).resolve()), "--dir", str(directory), "--count", str(count),
-            "--period", str(period)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+
+    def __init__(self, procs: Sequence[subprocess.Popen[str]]) -> None:
+        self.procs = list(procs)
+
+    def __len__(self) -> int:
+        return len(self.procs)
+
+    def __iter__(self) -> Iterator[subprocess.Popen[str]]:
+        return iter(self.procs)
+
+    @property
+    def pid(self) -> int:
+        return self.procs[0].pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def poll(self) -> int | None:
+        """None while any process runs, else the first non-zero exit code (or 0)."""
+        codes = [p.poll() for p in self.procs]
+        if any(c is None for c in codes):
+            return None
+        return next((c for c in codes if c), 0)
+
+    def terminate(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for p in self.procs:
+            p.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self.poll()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        """Wait for every process (after :meth:`terminate`); their counters, summed.
+
+        :raises subprocess.TimeoutExpired: one did not exit in time (then :meth:`kill`).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        totals: dict[str, int] = {}
+        for p in self.procs:
+            out, _ = p.communicate(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            lines = (out or "").strip().splitlines()
+            with contextlib.suppress(ValueError, IndexError, AttributeError):
+                for key, value in json.loads(lines[-1]).items():
+                    totals[key] = totals.get(key, 0) + int(value)
+        out = json.dumps({"processes": len(self.procs), **totals}) + "\n" if totals else ""
+        return out, None
+
+
+def start(directory: str | os.PathLike[str], count: int, *, period: int = 0, cpus: Sequence[int] | None = None,
+          timeout_s: float = 60.0, processes: int | None = None, niceness: int = 0,
+          ) -> tuple[Simulators, list[Path]]:
+    """Run the simulator as ``processes`` child processes (default :func:`default_processes`:
+    at most :data:`GUESTS_PER_PROCESS` guests each), all sockets in ``directory``, each pinned to
+    ``cpus`` (when given) and reniced by ``niceness``; wait until every one is READY.
+
+    Returns the processes (a :class:`Simulators`, used like one Popen) and every socket path,
+    in order. The caller stops them with ``procs.terminate()`` + ``procs.communicate()`` (or
+    ``wait()``), in a finally; on a failed start they are killed here.
+    """
+    processes = default_processes(count) if processes is None else max(1, processes)
+    procs: list[subprocess.Popen[str]] = []
     try:
-        if cpus:
-            os.sched_setaffinity(proc.pid, set(cpus))
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-        line = proc.stdout.readline() if ready else ""
-        if not line.startswith("READY"):
-            raise RuntimeError(f"simulator did not start within {timeout_s} s (exit {proc.poll()}): {line!r}")
+        for first, n in shards(count, processes):
+            argv = [sys.executable, str(Path(__file__).resolve()), "--dir", str(directory), "--count", str(n),
+                    "--first", str(first), "--period", str(period), "--procs", "1"]
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            if cpus:
+                os.sched_setaffinity(proc.pid, set(cpus))  # one thread yet: later ones inherit
+            if niceness:
+                os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, proc.pid) + niceness)
+        deadline = time.monotonic() + timeout_s
+        waiting = {p.stdout: p for p in procs}
+        while waiting:
+            ready, _, _ = select.select(list(waiting), [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = next(iter(waiting.values()))
+                raise RuntimeError(f"{len(waiting)} of {len(procs)} simulator process(es) did not start within "
+                                   f"{timeout_s} s (exit {late.poll()})")
+            for stream in ready:
+                assert stream is not None
+                line = stream.readline()
+                if not line.startswith("READY"):
+                    raise RuntimeError(f"a simulator process failed to start (exit {waiting[stream].wait()}): "
+                                       f"{line!r}")
+                del waiting[stream]
     except BaseException:
-        proc.kill()
-        proc.wait()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
         raise
-    return proc, socket_paths(directory, count)
+    return Simulators(procs), socket_paths(directory, count)
+
+
+def _relay(directory: Path, count: int, period: int, processes: int) -> None:
+    """``--procs`` > 1: start the shards, say READY for all, stop them on SIGTERM/SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    directory.mkdir(parents=True, exist_ok=True)
+    group, _ = start(directory, count, period=period, processes=processes,
+                     cpus=sorted(os.sched_getaffinity(0)))
+    try:
+        print(f"READY {count} {directory}", flush=True)
+        parent = os.getppid()
+        while not stop.wait(1.0) and os.getppid() == parent and group.poll() is None:
+            pass
+    finally:
+        group.terminate()
+        try:
+            out, _ = group.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            group.kill()
+            group.wait()
+            out = ""
+        with contextlib.suppress(OSError):
+            print(out.strip() or "{}", flush=True)
 
 
 def main() -> None:
@@ -325,8 +468,17 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=100, help="simulated guests (default 100)")
     parser.add_argument("--period", type=int, default=0,
                         help="initial stats polling period in s (default 0, as QEMU: the client sets it)")
+    parser.add_argument("--first", type=int, default=0, help="number of the first guest (default 0)")
+    parser.add_argument("--procs", type=int, default=None,
+                        help=f"processes to spread the guests over (default: one per {GUESTS_PER_PROCESS})")
     args = parser.parse_args()
-    asyncio.run(serve(Path(args.dir), args.count, args.period))
+    processes = default_processes(args.count) if args.procs is None else max(1, args.procs)
+    if processes > 1:
+        if args.first:
+            parser.error("--first is for one process (--procs 1)")
+        _relay(Path(args.dir), args.count, args.period, processes)
+    else:
+        asyncio.run(serve(Path(args.dir), args.count, args.period, args.first))
 
 
 if __name__ == "__main__":

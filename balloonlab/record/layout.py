@@ -113,6 +113,6 @@ def _compile_pack_row(groups: dict[str, list[str]], packer: struct.Struct) -> Ca
     args += [f"bool(get({name!r}))" for name in groups["bool"]]
     body.append(f"    return pack({', '.join(args)})")
     namespace: dict[str, Any] = {"MISSING": MISSING, "NAN": math.nan, "pack": packer.pack}
-    exec("\n".join(body), namespace)  # noqa: S102 - code built above from literals only
+    exec("\n".join(body), namespace)  # the code above: literals and repr()s of names only
     pack_row: Callable[..., bytes] = namespace["pack_row"]
     return pack_row
