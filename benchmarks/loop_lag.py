@@ -4,7 +4,7 @@
 by a ``SyncSampler`` on balloonlab's loop thread at a 1 s period. Before sampling starts, the
 sampler's samples buffer is prefilled with ``--prefill`` (10 M) generated rows: the same
 guests taking turns once a second, ending just before now, so the plot's window holds both.
-The fill goes through ``ColumnarBuffer.extend``, the bulk twin of ``append`` (same chunks,
+The fill goes through ``RowBuffer.extend``, the bulk twin of ``append`` (same chunks,
 same codes; 10 M appends would take minutes here). A ticker task on balloonlab's loop sleeps
 50 ms and records how late it wakes. Then, ``--window`` seconds each, one after the other
 (the sampler and the ticker run throughout):

@@ -133,7 +133,7 @@ def test_snapshot_frames_over_sealed_chunks_are_the_rows_appended(monkeypatch):
     assert df["age_s"].isna().sum() == 11 and df["reset"].tolist() == [i == 7 for i in range(6, 23)]
     assert str(df.index.dtype) == "datetime64[ns, UTC]" and str(df["last_update"].dtype) == "datetime64[ns, UTC]"
     assert df["last_update"].iloc[0] == pd.Timestamp(1_700_000_006, unit="s", tz="UTC")
-    # Absolute row numbers across the chunk boundaries, as ColumnarBuffer.frame(start, stop) gives them.
+    # Absolute row numbers across the chunk boundaries, as RowBuffer.frame(start, stop) gives them.
     assert buf.snapshot(7, 13).frame()["free_memory"].tolist() == list(range(1007, 1013))
     pd.testing.assert_frame_equal(buf.snapshot(10, 21).frame(), buf.frame(10, 21))
     assert len(buf.snapshot(0, 3).frame()) == 0 and len(buf.snapshot(30).frame()) == 0

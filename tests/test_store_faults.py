@@ -213,13 +213,19 @@ def test_tiered_merges_rewrite_each_row_a_logarithmic_number_of_times(small_fs, 
 
 
 # -- unreadable parts --------------------------------------------------------------------
-def test_a_truncated_part_is_skipped_with_a_warning_and_the_rest_loads(tmp_path):
-    writer = RunWriter(tmp_path / "run", merge_factor=1000)
+def three_parts(run: Path) -> RunWriter:
+    """A run of guest ``a``'s rows 0..5 in three unmerged parts of two rows (free_memory 1000+)."""
+    writer = RunWriter(run, merge_factor=1000)
     writer.write_metadata(status="running")
     buf = sample_buffer()
     for flush in range(3):
         rows(buf, 2, "a", flush * 2)
         writer.flush(buf.frame(flush * 2), event_buffer().frame())
+    return writer
+
+
+def test_a_truncated_part_is_skipped_with_a_warning_and_the_rest_loads(tmp_path):
+    three_parts(tmp_path / "run")
     middle = tmp_path / "run/samples" / name(2, 4)
     data = middle.read_bytes()
     middle.write_bytes(data[: len(data) // 2])  # a crash mid-write on a filesystem without ordering
@@ -230,12 +236,7 @@ def test_a_truncated_part_is_skipped_with_a_warning_and_the_rest_loads(tmp_path)
 
 
 def test_an_unreadable_merged_part_falls_back_to_its_inputs_still_on_disk(tmp_path):
-    writer = RunWriter(tmp_path / "run", merge_factor=1000)
-    writer.write_metadata(status="running")
-    buf = sample_buffer()
-    for flush in range(3):
-        rows(buf, 2, "a", flush * 2)
-        writer.flush(buf.frame(flush * 2), event_buffer().frame())
+    writer = three_parts(tmp_path / "run")
     folder = tmp_path / "run/samples"
     inputs = {p.name: p.read_bytes() for p in folder.iterdir()}
     writer.compact()

@@ -32,6 +32,12 @@ async def find_balloon(monitor: QMPTransport, spec: MemballoonSpec | None = None
         alone, uncached (benchmarks compare them).
     :raises BalloonNotFound: nothing found (also on a later call: the failure is cached).
     """
+    cache = monitor.cache
+    if method == "auto" and cache.balloon_searched:  # every read comes here: answer from the cache first
+        if cache.balloon_path is None:
+            raise BalloonNotFound("Cannot determine balloon device path (cached failure of this "
+                                  "connection)", cache.balloon_search_log)
+        return cache.balloon_path
     types = balloon_qom_types(spec)
     alias = (spec.alias if spec is not None and spec.alias else None) or alias or "balloon0"
     if method != "auto":
@@ -41,12 +47,6 @@ async def find_balloon(monitor: QMPTransport, spec: MemballoonSpec | None = None
             raise BalloonNotFound(f"no balloon found by {method}", searched)
         return path
 
-    cache = monitor.cache
-    if cache.balloon_searched:
-        if cache.balloon_path is None:
-            raise BalloonNotFound("Cannot determine balloon device path (cached failure of this "
-                                  "connection)", cache.balloon_search_log)
-        return cache.balloon_path
     searched = []
     try:
         for strategy in ("alias", "anon", "walk"):

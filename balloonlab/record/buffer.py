@@ -221,10 +221,6 @@ class RowBuffer:
         return self.snapshot(start, stop).frame()
 
 
-#: The name this class had before rows were packed (kept for code that imported it).
-ColumnarBuffer = RowBuffer
-
-
 def _int_or_missing(value: Any) -> int:
     number = int(value)
     return number if -_INT_MAX <= number <= _INT_MAX else MISSING
@@ -255,7 +251,7 @@ def _convert(series: pd.Series, kind: Kind, table: dict[str, int] | None) -> np.
     return remap[np.asarray(categorical.codes, dtype=np.int64)]  # code -1 (missing) takes the last
 
 
-__all__ = ["CHUNK_ROWS", "EVENT_COLUMNS", "EVENT_KINDS", "MISSING", "BufferSnapshot", "ColumnarBuffer", "RowBuffer",
+__all__ = ["CHUNK_ROWS", "EVENT_COLUMNS", "EVENT_KINDS", "MISSING", "BufferSnapshot", "RowBuffer",
            "concat_frames", "event_buffer", "sample_buffer"]
 
 
