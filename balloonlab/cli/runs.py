@@ -1,11 +1,4 @@
-"""The ``balloonlab`` command: build the test guest, run the demo, record, plot, list and stop guests.
-
-A thin layer over the library. Every error is one line on stderr, ``balloonlab: error: <what
-was wrong and what to do>``, never a traceback (``--debug`` or ``BALLOONLAB_DEBUG=1`` shows it).
-Exit status 2: the command line itself is wrong (unknown option, missing argument, a value that
-cannot be right such as a negative duration), as argparse does; 1: what it names did not work
-(missing file or socket, not a run folder, bad domain XML, no such guest, QEMU failing); 130: interrupted.
-"""
+"""``balloonlab demo``, ``record`` and ``plot``: experiments and recordings into run folders."""
 
 from __future__ import annotations
 
@@ -20,112 +13,19 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from balloonlab.cli.common import AddCommand, UsageError, runs_root, seconds
 from balloonlab.experiments import Experiment, Schedule
-from balloonlab.model.errors import BalloonLabError, LaunchError, MonitorError
+from balloonlab.model.errors import BalloonLabError, MonitorError
 from balloonlab.model.units import format_size
 
 if TYPE_CHECKING:
     from balloonlab.domain import DomainSpec
-    from balloonlab.qemu.registry import RegistryEntry
     from balloonlab.record.store import Run
 
-EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
-
-
-class UsageError(Exception):
-    """The command line is wrong in a way argparse cannot see (exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with balloonlab's one-line errors: no usage block, a pointer to ``--help``."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"balloonlab: error: {message}; see '{self.prog} --help'\n")
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a positive, finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _guest_name(text: str) -> str:
-    """An argparse type: a name balloonlab could have given a guest."""
-    from balloonlab.qemu.registry import validate_name
-    try:
-        return validate_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _runs_root(path: str) -> Path:
-    """The folder run folders go into (made by the run when missing), refused when it is a file."""
-    root = Path(path)
-    if root.exists() and not root.is_dir():
-        raise BalloonLabError(f"--runs {root} is not a folder; pass the folder run folders should go into")
-    return root
-
-
-# ---------------------------------------------------------------------------- guest build
-
-def _cmd_guest_build(args: argparse.Namespace) -> int:
-    from balloonlab.image.build import build_guest_image
-    if args.modules_dir is not None and args.kernel is None:
-        raise UsageError("--modules-dir goes with --kernel (it holds that kernel's modules); pass --kernel too")
-    image = build_guest_image(kernel=args.kernel, modules_dir=args.modules_dir, rebuild=args.rebuild,
-                              log=lambda line: print(line, flush=True))
-    print(f"kernel:    {image.kernel} ({image.kernel_source}, {image.kernel_version})")
-    print(f"initramfs: {image.initrd}")
-    print(f"modules:   {', '.join(image.modules)}")
-    return 0
-
-
-# ---------------------------------------------------------------------------- list, stop
-
-def _running_guests() -> list[RegistryEntry]:
-    from balloonlab.qemu.fleet import list_guests
-    try:
-        return list_guests()
-    except OSError as exc:
-        where = exc.filename or os.environ.get("BALLOONLAB_RUNTIME_DIR") or "the runtime dir"
-        raise BalloonLabError(f"cannot use the runtime dir {where}: {exc.strerror or exc}; set "
-                              "BALLOONLAB_RUNTIME_DIR to a folder you can write") from None
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    records = _running_guests()
-    if not records:
-        print("no guests running")
-    for r in records:
-        owner = "detached" if r.detached else f"owned by pid {r.owner_pid}"
-        print(f"{r.name:20} pid {r.pid:<8} {r.accel:4} {owner}  {r.runtime_dir}")
-    return 0
-
-
-async def _stop(name: str) -> bool:
-    from balloonlab.qemu.guest import Guest
-    return await (await Guest.reconnect(name)).shutdown()
-
-
-def _cmd_stop(args: argparse.Namespace) -> int:
-    if args.name not in (running := [r.name for r in _running_guests()]):
-        raise BalloonLabError(f"no running guest named {args.name!r} (running: {', '.join(running) or 'none'}); "
-                              "'balloonlab list' shows the guests balloonlab launched")
-    graceful = asyncio.run(_stop(args.name))
-    print(f"{args.name}: {'quit' if graceful else 'killed'}")
-    return 0
-
-
-# ---------------------------------------------------------------------------- demo
 
 def _demo_schedules() -> tuple[Schedule, Schedule]:
     balloon = Schedule.from_list([(0, "512M"), (10, "384M"), (20, "288M"), (32, "512M"),
@@ -191,7 +91,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.duration < DEMO_MIN_DURATION_S:
         raise UsageError(f"argument --duration: the demo's schedules last {DEMO_MIN_DURATION_S:g} s; "
                          f"expected at least that, got {args.duration:g}")
-    experiment = demo_experiment(_runs_root(args.runs), args.duration)
+    experiment = demo_experiment(runs_root(args.runs), args.duration)
     print(f"balloonlab demo: built-in guest, 1 s stats, workload ramp + balloon steps for "
           f"{experiment.duration_s:.0f} s")
     run = asyncio.run(experiment.run(progress=_ProgressBar()))
@@ -199,8 +99,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nrun folder: {run.path}\nplot:       {run.plot_path}")
     return 0
 
-
-# ---------------------------------------------------------------------------- record
 
 def _load_domain_xml(path: str) -> DomainSpec:
     from balloonlab.domain import load_domain_xml
@@ -238,7 +136,7 @@ async def _record(args: argparse.Namespace) -> Run:
     spec = _load_domain_xml(args.domain_xml) if args.domain_xml else None
     qmp = _check_qmp_socket(args.qmp)
     out = _check_new_run_folder(Path(args.out)) if args.out else None
-    root = _runs_root(args.runs) if out is None else Path(args.runs)
+    root = runs_root(args.runs) if out is None else Path(args.runs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
@@ -318,83 +216,19 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- the parser
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``balloonlab`` command."""
-    debug_help = "show the traceback of an error (also: BALLOONLAB_DEBUG=1)"
-    debug = _Parser(add_help=False)  # --debug after the subcommand too; SUPPRESS keeps the main one's value
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
-    parser = _Parser(prog="balloonlab", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--debug", action="store_true", default=False, help=debug_help)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, summary: str, func: Any = None, under: Any = sub) -> argparse.ArgumentParser:
-        made: argparse.ArgumentParser = under.add_parser(name, help=summary, parents=[debug])
-        made.set_defaults(func=func, prog=made.prog)
-        return made
-
-    guest = command("guest", "the built-in test guest").add_subparsers(
-        dest="guest_command", metavar="{build}", required=True)
-    build = command("build", "build (or find cached) the built-in guest image", _cmd_guest_build, guest)
-    build.add_argument("--kernel", type=Path, help="a kernel image to use instead of the host's or Debian's")
-    build.add_argument("--modules-dir", type=Path, help="lib/modules/<version> of that kernel (with --kernel)")
-    build.add_argument("--rebuild", action="store_true", help="rebuild even when cached")
+def register(command: AddCommand) -> None:
+    """Add ``demo``, ``record`` and ``plot`` to the parser."""
     demo = command("demo", "a one-minute balloon experiment on the built-in guest", _cmd_demo)
-    demo.add_argument("--duration", type=_seconds, default=62.0,
+    demo.add_argument("--duration", type=seconds, default=62.0,
                       help=f"seconds to run, at least {DEMO_MIN_DURATION_S:g} (default 62)")
     demo.add_argument("--runs", default="runs", help="folder for run folders (default ./runs)")
     record = command("record", "record a running QEMU through its QMP socket", _cmd_record)
     record.add_argument("--qmp", required=True, help="QEMU's QMP unix socket")
     record.add_argument("--domain-xml", help="its libvirt domain XML file (sets the stats period if running)")
-    record.add_argument("--duration", type=_seconds, help="seconds to record (default: until Ctrl-C)")
+    record.add_argument("--duration", type=seconds, help="seconds to record (default: until Ctrl-C)")
     record.add_argument("--out", help="a new run folder (default: RUNS/<time>-<name>)")
     record.add_argument("--runs", default="runs", help="folder for run folders (default ./runs)")
     plot = command("plot", "redraw a run's PNG", _cmd_plot)
     plot.add_argument("run", help="a run folder")
     plot.add_argument("--out", help="PNG path (default: RUN/plot.png)")
-    command("list", "guests balloonlab launched that still run", _cmd_list)
-    stop = command("stop", "stop a running (e.g. detached) guest by name", _cmd_stop)
-    stop.add_argument("name", type=_guest_name, help="its name, as 'balloonlab list' shows it")
-    return parser
-
-
-def _one_line(exc: BaseException) -> str:
-    """What went wrong, in one line; details (QEMU's output, a traceback) are for --debug."""
-    more = False
-    if isinstance(exc, LaunchError):
-        text = exc.message + (f" (QEMU exit code {exc.exitcode})" if exc.exitcode is not None else "")
-        more = bool(exc.command or exc.output.strip())
-    elif isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
-        text = f"{exc.filename}: {exc.strerror}"
-    elif isinstance(exc, (BalloonLabError, OSError, ValueError, TypeError)):
-        text = str(exc)
-    else:  # not an error balloonlab raises on purpose: a bug
-        text = f"unexpected {type(exc).__name__}: {exc} (a bug in balloonlab: please report it with --debug's output)"
-    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
-    return lines[0] + ("; rerun with --debug for the details" if more or len(lines) > 1 else "")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``balloonlab`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("BALLOONLAB_DEBUG", "") not in ("", "0")
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("balloonlab: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except UsageError as exc:
-        print(f"balloonlab: error: {exc}; see '{args.prog} --help'", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:
-        if debug:
-            raise
-        print(f"balloonlab: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from balloonlab.cli import main
+
+sys.exit(main())
