@@ -67,17 +67,17 @@ def events_frame(rows: list[tuple]) -> pd.DataFrame:
 
 
 def test_frames_come_from_the_sampler_buffer_with_its_dtypes():
-    samples = samples_frame([{"t": 0, "guest": "b", "lu": 0, "actual": 512 * MiB, "oom_kills": 1},
+    samples = samples_frame([{"t": 0, "guest": "b", "lu": 0, "actual": 512 * MiB, "unknown_stat": 1},
                              {"t": 1.5, "guest": "a", "actual": 256 * MiB, "age_s": 0.25}])
     assert list(samples.columns[:2]) == ["guest", "last_update"]
     assert list(samples.columns[2:2 + len(STAT_NAMES)]) == list(STAT_NAMES)
     assert list(samples.columns[2 + len(STAT_NAMES):]) == ["actual", "target", "period_s", "rss", "age_s",
-                                                           "reset", "oom_kills"]
+                                                           "reset", "unknown_stat"]
     assert samples.index.tolist() == [at(0), at(1.5)] and samples.index.name == "time"
     assert list(samples["guest"].cat.categories) == ["a", "b"] and samples["guest"].tolist() == ["b", "a"]
     assert samples["last_update"].iloc[0] == T0 and pd.isna(samples["last_update"].iloc[1])
     assert str(samples["last_update"].dtype) == "datetime64[ns, UTC]"
-    assert {str(samples[c].dtype) for c in (*STAT_NAMES, "actual", "target", "oom_kills")} == {"Int64"}
+    assert {str(samples[c].dtype) for c in (*STAT_NAMES, "actual", "target", "unknown_stat")} == {"Int64"}
     assert samples["actual"].tolist() == [512 * MiB, 256 * MiB] and samples["free_memory"].isna().all()
     assert str(samples["age_s"].dtype) == "Float64" and samples["age_s"].iloc[1] == 0.25
     assert samples["reset"].tolist() == [False, False]
@@ -91,7 +91,7 @@ def test_libvirt_view_names_units_and_order_match_virsh():
     row = {"t": 0.75, "guest": "a", "lu": 0, "actual": 512 * MiB + 1023, "swap_in": 1023,
            "swap_out": 2048, "major_faults": 7, "minor_faults": 1023, "free_memory": 100 * 1024 + 1023,
            "total_memory": 480 * MiB, "available_memory": 300 * MiB, "disk_caches": 5000,
-           "htlb_pgalloc": 3, "rss": 1023, "oom_kills": 2}
+           "htlb_pgalloc": 3, "rss": 1023, "unknown_stat": 2}
     frame = samples_frame([row, {"t": 1, "guest": "a", "actual": 1024}], drop=("htlb_pgfail",))
     view = frame.balloon.libvirt()
     assert list(view.columns) == ["guest", "actual", "swap_in", "swap_out", "major_fault",

@@ -33,10 +33,10 @@ def test_sample_frame_has_the_schema_dtypes():
 def test_a_new_stat_name_becomes_a_column_missing_in_earlier_rows():
     buf = sample_buffer()
     rows(buf, 2)
-    buf.append(3 * 10**18, {"guest": "g", "oom_kills": 4})
+    buf.append(3 * 10**18, {"guest": "g", "unknown_stat": 4})
     df = buf.frame()
-    assert df["oom_kills"].dtype == "Int64"
-    assert df["oom_kills"].isna().tolist() == [True, True, False] and df["oom_kills"].iloc[-1] == 4
+    assert df["unknown_stat"].dtype == "Int64"
+    assert df["unknown_stat"].isna().tolist() == [True, True, False] and df["unknown_stat"].iloc[-1] == 4
 
 
 def test_values_beyond_int64_become_missing_not_a_crash():
@@ -105,7 +105,7 @@ def test_a_run_folder_is_not_overwritten(tmp_path):
 # -- snapshots: frames built off the appending thread -------------------------------------------
 
 def _chunked_buffer(monkeypatch, n: int = 23, chunk: int = 4):
-    """A samples buffer of ``n`` rows sealed every ``chunk`` rows; ``oom_kills`` appears at row 9,
+    """A samples buffer of ``n`` rows sealed every ``chunk`` rows; ``unknown_stat`` appears at row 9,
     guest ``a`` at row 5 (so its code is not its sorted position)."""
     import balloonlab.record.buffer as buffer
     monkeypatch.setattr(buffer, "CHUNK_ROWS", chunk)
@@ -114,21 +114,21 @@ def _chunked_buffer(monkeypatch, n: int = 23, chunk: int = 4):
         row = {"guest": "z" if i < 5 else ("a" if i % 2 else "m"), "last_update": 1_700_000_000 + i,
                "free_memory": 1000 + i, "age_s": None if i % 3 else 0.5, "reset": i == 7}
         if i >= 9:
-            row["oom_kills"] = i
+            row["unknown_stat"] = i
         buf.append(1_700_000_000_000_000_000 + i * 10**9, row)
     return buf
 
 
 def test_snapshot_frames_over_sealed_chunks_are_the_rows_appended(monkeypatch):
     buf = _chunked_buffer(monkeypatch)
-    # Sealed: rows 0-3, 4-7, 8 (sealed when oom_kills widened the layout at row 9), 9-12, 13-16,
+    # Sealed: rows 0-3, 4-7, 8 (sealed when unknown_stat widened the layout at row 9), 9-12, 13-16,
     # 17-20; rows 21 and 22 unsealed.
     assert [len(b) for b in buf._sealed] == [4, 4, 1, 4, 4, 4] and buf._unsealed == 2
     buf.drop_head(6)  # one chunk freed, two rows of the next dropped
     assert len(buf._sealed) == 5 and buf.total_rows == 23 and len(buf) == 17
     df = buf.snapshot(6).frame()
     assert df["free_memory"].tolist() == [1000 + i for i in range(6, 23)]
-    assert df["oom_kills"].isna().tolist() == [True] * 3 + [False] * 14 and df["oom_kills"].iloc[-1] == 22
+    assert df["unknown_stat"].isna().tolist() == [True] * 3 + [False] * 14 and df["unknown_stat"].iloc[-1] == 22
     assert list(df["guest"].cat.categories) == ["a", "m", "z"] and df["guest"].iloc[0] == "m"
     assert df["age_s"].isna().sum() == 11 and df["reset"].tolist() == [i == 7 for i in range(6, 23)]
     assert str(df.index.dtype) == "datetime64[ns, UTC]" and str(df["last_update"].dtype) == "datetime64[ns, UTC]"
@@ -186,7 +186,7 @@ def test_extend_with_a_frame_gives_the_rows_appends_would(monkeypatch):
     other.append(1, {"guest": "m", "free_memory": 1})  # "m" already has code 0 here
     other.extend(source)
     pd.testing.assert_frame_equal(other.frame(1), source)
-    assert other.total_rows == 24 and other.frame()["oom_kills"].isna().sum() == 10
+    assert other.total_rows == 24 and other.frame()["unknown_stat"].isna().sum() == 10
     events = event_buffer()
     events.append(5, {"guest": "a", "kind": "target", "value": 7, "detail": None})
     events.append(6, {"guest": "b", "kind": "error", "duration_s": 0.5, "detail": "boom"})

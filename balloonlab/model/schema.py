@@ -46,7 +46,8 @@ def _stat(name: str, unit: Unit, kind: Kind, libvirt_name: str | None, since: st
     return StatDef(name, "stat-" + name.replace("_", "-"), unit, kind, libvirt_name, since)
 
 
-#: Every stat QEMU reports, in QEMU's order (docs/balloon-facts.md "Reading stats").
+#: Every stat QEMU reports, in QEMU's order (docs/balloon-facts.md "Reading stats"): the kernel's
+#: VIRTIO_BALLOON_S_* tags 0-15.
 STATS: tuple[StatDef, ...] = (
     _stat("swap_in", "bytes", "counter", "swap_in"),
     _stat("swap_out", "bytes", "counter", "swap_out"),
@@ -58,6 +59,16 @@ STATS: tuple[StatDef, ...] = (
     _stat("disk_caches", "bytes", "gauge", "disk_caches", "2.12"),
     _stat("htlb_pgalloc", "count", "counter", "hugetlb_pgalloc", "3.0"),
     _stat("htlb_pgfail", "count", "counter", "hugetlb_pgfail", "3.0"),
+    # QEMU 9.2 + Linux 6.12 (the kernel's "virtio_balloon: introduce memory scan/reclaim info"):
+    # OOM kills and allocation stalls (the sum of allocstall_* over zones) are counts; scans and
+    # reclaims are the pgscan_/pgsteal_ kswapd ("async") and direct counters, sent in bytes
+    # (pages_to_bytes). libvirt (11.3 included) maps none of them.
+    _stat("oom_kills", "count", "counter", None, "9.2"),
+    _stat("alloc_stalls", "count", "counter", None, "9.2"),
+    _stat("async_scans", "bytes", "counter", None, "9.2"),
+    _stat("direct_scans", "bytes", "counter", None, "9.2"),
+    _stat("async_reclaims", "bytes", "counter", None, "9.2"),
+    _stat("direct_reclaims", "bytes", "counter", None, "9.2"),
 )
 STATS_BY_NAME: dict[str, StatDef] = {s.name: s for s in STATS}
 #: Column names of the stats, in table order.
