@@ -10,12 +10,12 @@ BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon-system libvirt-clients libvirt-dev pkg-config chromium
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint guest system-packages clean
+.PHONY: demo test lint guest stacks corpus system-packages clean
 
 demo: guest
 	$(BIN)/balloonlab demo
 
-test: guest lint
+test: guest stacks corpus lint
 	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc
 
 lint: $(INSTALLED)
@@ -24,6 +24,17 @@ lint: $(INSTALLED)
 
 guest: $(INSTALLED)
 	@$(BIN)/balloonlab guest build
+
+# The second tested stack beside the distro's (Debian 12: QEMU 10, libvirt 11 and Linux 6.12
+# from bookworm-backports, unpacked under the cache, never installed over QEMU 7.2), and the
+# built-in guest for every stack's kernel.
+stacks: $(INSTALLED)
+	@$(BIN)/balloonlab stacks install
+
+# libvirt's own test domain XMLs with their expected QEMU argv (Debian's libvirt source
+# package, cached): the conformance corpus of tests/test_libvirt_corpus.py.
+corpus: system-packages
+	@scripts/fetch-libvirt-corpus
 
 system-packages:
 	@scripts/ensure-system-packages $(APT_PACKAGES)
