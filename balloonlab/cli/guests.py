@@ -19,8 +19,10 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
     from balloonlab.image.build import build_guest_image
     if args.modules_dir is not None and args.kernel is None:
         raise UsageError("--modules-dir goes with --kernel (it holds that kernel's modules); pass --kernel too")
+    if args.kernel_release is not None and args.kernel is not None:
+        raise UsageError("--kernel-release picks Debian's kernel of that release; --kernel names one: pass one of them")
     image = build_guest_image(kernel=args.kernel, modules_dir=args.modules_dir, rebuild=args.rebuild,
-                              log=lambda line: print(line, flush=True))
+                              kernel_release=args.kernel_release, log=lambda line: print(line, flush=True))
     print(f"kernel:    {image.kernel} ({image.kernel_source}, {image.kernel_version})")
     print(f"initramfs: {image.initrd}")
     print(f"modules:   {', '.join(image.modules)}")
@@ -71,6 +73,8 @@ def register(command: AddCommand) -> None:
     build = command("build", "build (or find cached) the built-in guest image", _cmd_guest_build, guest)
     build.add_argument("--kernel", type=Path, help="a kernel image to use instead of the host's or Debian's")
     build.add_argument("--modules-dir", type=Path, help="lib/modules/<version> of that kernel (with --kernel)")
+    build.add_argument("--kernel-release", help="Debian's cloud kernel of this series or release, e.g. 6.12 or 6.1 "
+                                                "(default: the host's, else the release's own)")
     build.add_argument("--rebuild", action="store_true", help="rebuild even when cached")
     command("list", "guests balloonlab launched that still run", _cmd_list)
     stop = command("stop", "stop a running (e.g. detached) guest by name", _cmd_stop)

@@ -197,7 +197,7 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
                    current_memory: int | str | None = None, vcpus: int = 1, period_s: int | None = 1,
                    model: str = "virtio", alias: str | None = None, autodeflate: bool | None = None,
                    free_page_reporting: bool | None = None, machine: str = "pc",
-                   domain_type: str = "qemu") -> DomainSpec:
+                   domain_type: str = "qemu", emulator: str | None = None) -> DomainSpec:
     """The domain of balloonlab's built-in test guest: x86_64, direct kernel boot, no disks.
 
     It carries the workload agent (``agent=True``): serial port 0 is the console, port 1 the
@@ -208,6 +208,7 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
     :param period_s: the balloon stats period in seconds (None: no ``<stats>``, 0: disabled).
     :param model: virtio, virtio-transitional, virtio-non-transitional, or none (no balloon).
     :param alias: the balloon's device id (QEMU rules; libvirt keeps only ``ua-`` aliases).
+    :param emulator: the QEMU binary (``<emulator>``); None: ``qemu-system-x86_64`` from PATH.
     :raises TypeError: for an argument of the wrong type.
     :raises ValueError: for an out-of-range value, e.g. current_memory above memory.
     """
@@ -221,7 +222,7 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
         period_s=period_s)
     spec = DomainSpec(name=name, uuid=None, domain_type=domain_type, memory_bytes=memory_bytes,
                       current_memory_bytes=current, max_memory_bytes=None, vcpus=vcpus, arch="x86_64",
-                      machine=machine, emulator=None, kernel=kernel, initrd=initrd,
+                      machine=machine, emulator=emulator, kernel=kernel, initrd=initrd,
                       cmdline=cmdline or None, disks=(),
                       serials=(SerialSpec("pty", 0), SerialSpec("unix", 1)),
                       memballoon=balloon, agent=True)

@@ -25,22 +25,32 @@ from typing import TypedDict, Unpack
 
 from balloonlab.image import kmod
 from balloonlab.image.cpio import CpioWriter, gzip_bytes
-from balloonlab.image.kernel import KernelInfo, acquire_kernel, default_cache_dir
+from balloonlab.image.kernel import KernelInfo, acquire_kernel, default_cache_dir, release_matches
 from balloonlab.model.errors import GuestImageError
+from balloonlab.model.files import write_durably
 
-__all__ = ["GuestImage", "build_guest_image", "find_guest_image", "guest_image", "CMDLINE", "MODULE_ROOTS"]
+__all__ = ["GuestImage", "build_guest_image", "find_guest_image", "guest_image", "guest_images", "CMDLINE",
+           "MODULE_ROOTS"]
 
 #: Bump when the image layout or the way inputs are combined changes: old images are ignored.
 FORMAT_VERSION = 1
 #: The kernel command line the image is made for (the launcher may append to it).
-CMDLINE = "console=ttyS0 quiet panic=1"
+#: memhp_default_state: memory a virtio-mem device plugs is onlined as movable, so it can be
+#: unplugged again (without it hot-plugged memory stays offline in this init-less guest).
+CMDLINE = "console=ttyS0 quiet panic=1 memhp_default_state=online_movable"
 #: The modules the guest needs; their dependencies are found from .modinfo.
 MODULE_ROOTS = ("virtio_pci", "virtio_balloon")
+#: Loaded when the kernel has them (as a module or built in): virtio-mem, and zram with its
+#: default compressor for guests given swap (``builtin_spec(swap=...)``).
+OPTIONAL_MODULES = ("virtio_mem", "zram", "lzo_rle")
+#: ``<cache>/guest/DEFAULT_MARKER`` names the image ``balloonlab guest build`` made without a
+#: kernel choice: the one :func:`find_guest_image` gives when no release is asked for.
+DEFAULT_MARKER = "default"
 #: Busybox applets the scripts use, linked in /bin (plus a few for debugging by hand).
 APPLETS = (
     "sh", "ash", "cat", "dd", "echo", "free", "grep", "head", "insmod", "kill", "ls", "lsmod",
     "mkdir", "mkfifo", "mount", "printf", "ps", "reboot", "rm", "sleep", "stty", "sync", "tail",
-    "test", "[", "true", "false", "umount", "uname", "poweroff", "dmesg", "wc",
+    "test", "[", "true", "false", "umount", "uname", "poweroff", "dmesg", "wc", "mkswap", "swapon",
 )
 _SCRIPTS_DIR = Path(__file__).with_name("initramfs")
 _DEFAULT_BUSYBOX = Path("/bin/busybox")
@@ -115,7 +125,8 @@ def _load_modules(info: KernelInfo, log: Log) -> list[tuple[str, bytes]]:
         return []
     index = kmod.module_index(info.modules_dir)
     builtin = kmod.builtin_modules(info.modules_dir)
-    order = kmod.resolve_load_order(MODULE_ROOTS, index, builtin, log)
+    optional = [m for m in OPTIONAL_MODULES if m in index]  # built-in ones need no insmod
+    order = kmod.resolve_load_order((*MODULE_ROOTS, *optional), index, builtin, log)
     result = []
     release = info.version.split()[0]
     for mod in order:
@@ -164,31 +175,57 @@ def _image_from_manifest(directory: Path) -> GuestImage | None:
     return image
 
 
-def find_guest_image(cache_dir: Path | None = None) -> GuestImage | None:
-    """The most recently built image in the cache, without building or downloading anything.
-
-    :param cache_dir: the cache root (default: :func:`default_cache_dir`).
-    :returns: the image, or None when none has been built (run :func:`build_guest_image`).
-    """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+def _built_images(root: Path) -> list[tuple[int, str, GuestImage]]:
+    """(manifest mtime, key, image) of every complete image in the cache."""
     candidates = []
     try:
         entries = list((root / "guest").iterdir())
     except OSError:
-        return None
+        return []
     for entry in entries:
-        if entry.name.startswith("."):
-            continue  # a build in progress, or one that was killed
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue  # a build in progress or one that was killed; the default marker
         image = _image_from_manifest(entry)
         if image is not None:
             candidates.append(((entry / "manifest.json").stat().st_mtime_ns, entry.name, image))
+    return candidates
+
+
+def guest_images(cache_dir: Path | None = None) -> list[GuestImage]:
+    """Every built image in the cache, newest first (one per kernel and agent version)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return [image for *_, image in sorted(_built_images(root), key=lambda c: c[:2], reverse=True)]
+
+
+def find_guest_image(cache_dir: Path | None = None, kernel_release: str | None = None) -> GuestImage | None:
+    """An already-built image, without building or downloading anything.
+
+    :param cache_dir: the cache root (default: :func:`default_cache_dir`).
+    :param kernel_release: a kernel series ("6.12") or release: the newest image of that kernel.
+        None: the image ``balloonlab guest build`` made without a kernel choice (else the newest).
+    :returns: the image, or None when none has been built (run :func:`build_guest_image`).
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if kernel_release is None:
+        try:
+            marked = _image_from_manifest(root / "guest" / (root / "guest" / DEFAULT_MARKER).read_text().strip())
+        except (OSError, ValueError):
+            marked = None
+        if marked is not None:
+            return marked
+    candidates = [c for c in _built_images(root)
+                  if kernel_release is None or release_matches(c[2].kernel_version, kernel_release)]
     return max(candidates, key=lambda c: c[:2])[2] if candidates else None
 
 
 def build_guest_image(*, kernel: Path | None = None, modules_dir: Path | None = None,
                       busybox: Path | None = None, cache_dir: Path | None = None,
-                      rebuild: bool = False, log: Log | None = None) -> GuestImage:
+                      rebuild: bool = False, log: Log | None = None,
+                      kernel_release: str | None = None) -> GuestImage:
     """Build (or reuse from the cache) the test guest image.
+
+    Built without ``kernel`` or ``kernel_release``, the image becomes the default one
+    (:func:`find_guest_image` without a release, ``builtin_spec()``).
 
     :param kernel: a kernel image to use instead of looking for one.
     :param modules_dir: its ``lib/modules/<version>`` directory (found next to ``kernel`` when
@@ -198,13 +235,16 @@ def build_guest_image(*, kernel: Path | None = None, modules_dir: Path | None = 
         ``$XDG_CACHE_HOME/balloonlab`` or ``~/.cache/balloonlab``).
     :param rebuild: build the image again even when the cache has it.
     :param log: receives one human-readable line per step (which kernel, cached or built).
+    :param kernel_release: a kernel series ("6.12", "6.1") or full release to build for
+        (Debian's cloud kernel of that series, fetched with apt; see :func:`acquire_kernel`).
     :raises GuestImageError: when no kernel can be found or fetched (the message says what to
         run or pass), or busybox or the modules are unusable.
     """
     say: Log = log or (lambda line: None)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     started = time.monotonic()
-    info = acquire_kernel(kernel=kernel, modules_dir=modules_dir, cache_dir=root, log=say)
+    info = acquire_kernel(kernel=kernel, modules_dir=modules_dir, cache_dir=root, log=say,
+                          kernel_release=kernel_release)
     bb_path = Path(busybox) if busybox is not None else _DEFAULT_BUSYBOX
     bb = _check_busybox(bb_path)
     modules = _load_modules(info, say)
@@ -230,7 +270,13 @@ def build_guest_image(*, kernel: Path | None = None, modules_dir: Path | None = 
                           cmdline=CMDLINE, kernel_source=info.source, kernel_version=info.version,
                           modules=names, key=key)
 
+    def mark_default() -> None:
+        if kernel is None and kernel_release is None:
+            data = (key + "\n").encode()
+            write_durably(root / "guest" / DEFAULT_MARKER, lambda f: f.write(data), new=False, fsync=False)
+
     if not rebuild and _image_from_manifest(final) is not None:
+        mark_default()
         say(f"image: cached {final} ({time.monotonic() - started:.1f} s)")
         return result(final)
 
@@ -264,6 +310,7 @@ def build_guest_image(*, kernel: Path | None = None, modules_dir: Path | None = 
         raise GuestImageError(f"cannot write the guest image to {final}: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    mark_default()
     say(f"image: built {final} ({len(initrd) / 1e6:.1f} MB initramfs, modules {', '.join(names) or 'none'}, "
         f"{time.monotonic() - started:.1f} s)")
     return result(final)
@@ -273,6 +320,7 @@ class _BuildArgs(TypedDict, total=False):
     """The arguments of :func:`build_guest_image` that :func:`guest_image` passes on."""
 
     kernel: Path | None
+    kernel_release: str | None
     modules_dir: Path | None
     busybox: Path | None
     rebuild: bool

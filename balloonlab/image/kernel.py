@@ -9,19 +9,19 @@ without installing it. Downloads happen only here, through apt, at set-up time
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from balloonlab.image import kmod
+from balloonlab.image.debs import APT_HINT, apt_download, deb_members
 from balloonlab.model.errors import GuestImageError
 
 Log = Callable[[str], None]
@@ -29,10 +29,14 @@ Log = Callable[[str], None]
 #: Where the host's own kernel is looked for (tests point these elsewhere).
 HOST_BOOT_DIR = Path("/boot")
 HOST_MODULES_ROOT = Path("/lib/modules")
-#: Debian's metapackage whose first dependency is the current cloud kernel package.
+#: Debian's metapackage whose first dependency is the release's own cloud kernel package.
 DEBIAN_METAPACKAGE = "linux-image-cloud-amd64"
-_APT_HINT = ("run `apt-get update` as root first (the project's Makefile does this), "
-             "or pass kernel=PATH (--kernel) and modules_dir=PATH (--modules-dir)")
+#: Modules unpacked beside drivers/virtio (with their dependencies) when the kernel has them:
+#: zram (a swap device in guest RAM, for pressure regimes that need swap) and its default
+#: compressor; virtio_mem lives in drivers/virtio already.
+EXTRA_MODULES = ("zram", "lzo_rle")
+#: Bump when what an unpacked kernel holds changes: older unpacks are redone from the .deb.
+UNPACK_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,10 @@ def _host_kernel(log: Log) -> KernelInfo | None:
     return KernelInfo(kernel, modules, "host", release)
 
 
-def _apt_kernel_package() -> str:
-    """The cloud kernel package name: the first ``Depends:`` of the metapackage."""
+def _apt_first_depends(metapackage: str) -> str | None:
+    """The first ``Depends:`` of a metapackage, None when apt does not know it."""
     try:
-        proc = subprocess.run(["apt-cache", "depends", DEBIAN_METAPACKAGE], capture_output=True,
+        proc = subprocess.run(["apt-cache", "depends", metapackage], capture_output=True,
                               text=True, timeout=120, check=False)
     except FileNotFoundError:
         raise GuestImageError("no kernel: apt-cache is not installed (not a Debian-based system?); "
@@ -130,56 +134,59 @@ def _apt_kernel_package() -> str:
         words = line.strip().lstrip("|").split()
         if len(words) >= 2 and words[0] == "Depends:" and not words[1].startswith("<"):
             return words[1]
-    raise GuestImageError(f"no kernel: `apt-cache depends {DEBIAN_METAPACKAGE}` names no kernel package "
-                          f"({(proc.stderr or proc.stdout).strip() or 'no output'}); {_APT_HINT}")
+    if metapackage == DEBIAN_METAPACKAGE:
+        raise GuestImageError(f"no kernel: `apt-cache depends {metapackage}` names no kernel package "
+                              f"({(proc.stderr or proc.stdout).strip() or 'no output'}); {APT_HINT}")
+    return None
 
 
-def _read_deb_data(deb: Path) -> tuple[str, bytes]:
-    """(name, bytes) of the ``data.tar.*`` member of a .deb (an ``ar`` archive)."""
-    with open(deb, "rb") as f:
-        if f.read(8) != b"!<arch>\n":
-            raise GuestImageError(f"{deb} is not a .deb (ar) archive")
-        while header := f.read(60):
-            if len(header) < 60:
-                break
-            name = header[:16].decode().strip().rstrip("/")
-            size = int(header[48:58].decode().strip())
-            if name.startswith("data.tar"):
-                return name, f.read(size)
-            f.seek(size + size % 2, os.SEEK_CUR)  # members are padded to even offsets
-    raise GuestImageError(f"{deb} has no data.tar member")
+def release_matches(version: str, release: str) -> bool:
+    """True when kernel ``version`` is ``release`` or of that series: "6.12" matches
+    "6.12.118+deb12-cloud-amd64" but not "6.1.0-57-cloud-amd64" (nor "6.1" "6.12...")."""
+    return version == release or version.startswith((release + ".", release + "-", release + "+"))
 
 
-def _deb_members(deb: Path, want: Callable[[str], bool]) -> dict[str, bytes]:
-    """Contents of the regular files in a .deb whose path (without "./") ``want`` accepts."""
-    name, data = _read_deb_data(deb)
-    if name.endswith(".zst"):
-        zstd = shutil.which("zstd")
-        if zstd is None:
-            raise GuestImageError(f"{deb} is zstd-compressed; install zstd (apt-get install zstd)")
-        data = subprocess.run([zstd, "-dc"], input=data, capture_output=True, check=True).stdout
-    found: dict[str, bytes] = {}
-    # Stream mode ("r|*") reads the xz/gz archive once, front to back.
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
-        for member in tar:
-            path = member.name.removeprefix("./")
-            if member.isfile() and want(path):
-                handle = tar.extractfile(member)  # None only for members that are not regular files
-                if handle is None:
-                    raise GuestImageError(f"{deb}: cannot read {member.name} from its data.tar")
-                found[path] = handle.read()
-    return found
+def _apt_kernel_package(release: str | None = None) -> str:
+    """The cloud kernel package for ``release`` (a series like "6.12" or a full release).
+
+    The release's own kernel is the first ``Depends:`` of ``linux-image-cloud-amd64``; another
+    series comes from its own metapackage (``linux-image-6.12-cloud-amd64`` in
+    bookworm-backports); a full release names its package directly.
+    """
+    default = _apt_first_depends(DEBIAN_METAPACKAGE)
+    assert default is not None  # _apt_first_depends raises for the main metapackage
+    if release is None or release_matches(default.removeprefix("linux-image-"), release):
+        return default
+    if re.fullmatch(r"\d+\.\d+", release):
+        series = _apt_first_depends(f"linux-image-{release}-cloud-amd64")
+        if series is not None:
+            return series
+        raise GuestImageError(f"no Debian kernel package for the {release} series here (neither "
+                              f"{DEBIAN_METAPACKAGE}, which is {default.removeprefix('linux-image-')}, nor "
+                              f"linux-image-{release}-cloud-amd64); on Debian 12, 6.12 comes from bookworm-backports "
+                              "(scripts/ensure-system-packages adds it), or pass --kernel")
+    return f"linux-image-{release}"
+
+
+def _modules_root(path: str) -> list[str] | None:
+    """``[prefix..., version, rest...]`` parts of a module tree path, trixie's merged /usr too."""
+    parts = path.split("/")
+    if parts[:2] == ["usr", "lib"]:
+        parts = parts[1:]
+    return parts if parts[:2] == ["lib", "modules"] and len(parts) >= 4 else None
 
 
 def _unpack_kernel(deb: Path, pkg: str, dest: Path, log: Log) -> None:
-    """Unpack the kernel, the virtio modules (and any module they need) into ``dest``."""
-    extra: set[str] = set()
+    """Unpack the kernel, the virtio modules, :data:`EXTRA_MODULES` and whatever module they
+    need into ``dest`` (bookworm ships lib/modules, trixie usr/lib/modules: both become
+    lib/modules here)."""
+    extra: set[str] = set(EXTRA_MODULES)
 
     def want(path: str) -> bool:
-        parts = path.split("/")
         if path.startswith("boot/vmlinuz-"):
             return True
-        if parts[:2] != ["lib", "modules"] or len(parts) < 4:
+        parts = _modules_root(path)
+        if parts is None:
             return False
         return (parts[3:6] == ["kernel", "drivers", "virtio"] and path.endswith(kmod.MODULE_SUFFIXES)
                 or parts[3] == "modules.builtin" or kmod.module_name_from_path(Path(path)) in extra)
@@ -187,7 +194,8 @@ def _unpack_kernel(deb: Path, pkg: str, dest: Path, log: Log) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
     try:
         while True:
-            files = _deb_members(deb, want)
+            files = {("/".join(p) if (p := _modules_root(path)) else path): data
+                     for path, data in deb_members(deb, want).items()}
             for path, data in files.items():
                 (tmp / path).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / path).write_bytes(data)
@@ -195,7 +203,7 @@ def _unpack_kernel(deb: Path, pkg: str, dest: Path, log: Log) -> None:
             mod_dirs = sorted({"/".join(p.split("/")[:3]) for p in files if p.startswith("lib/modules/")})
             if not kernels or not mod_dirs:
                 raise GuestImageError(f"{deb} holds no boot/vmlinuz-* or lib/modules/*: not a kernel package")
-            # Dependencies outside drivers/virtio (none in 6.1) need a second pass.
+            # Dependencies outside the unpacked set need another pass.
             index = kmod.module_index(tmp / mod_dirs[0])
             builtin = kmod.builtin_modules(tmp / mod_dirs[0]) or set()
             missing = {d for p in index.values() for d in kmod.read_module(p).depends
@@ -204,10 +212,14 @@ def _unpack_kernel(deb: Path, pkg: str, dest: Path, log: Log) -> None:
                 break
             log(f"kernel: unpacking modules needed outside drivers/virtio: {', '.join(sorted(missing))}")
             extra |= missing
-        meta = {"package": pkg, "kernel": kernels[0], "modules_dir": mod_dirs[0],
+        meta = {"package": pkg, "kernel": kernels[0], "modules_dir": mod_dirs[0], "format": UNPACK_FORMAT,
                 "version": kernels[0].removeprefix("boot/vmlinuz-")}
         (tmp / "kernel.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)
+        if dest.exists() and _unpacked_kernel(dest) is None:
+            old = dest.with_name(f".old-{os.getpid()}")
+            os.rename(dest, old)  # an unpack of an older format: replaced, not merged
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, dest)  # atomic: "dest exists" means "unpacked completely"
         except OSError:
@@ -220,6 +232,8 @@ def _unpack_kernel(deb: Path, pkg: str, dest: Path, log: Log) -> None:
 def _unpacked_kernel(dest: Path) -> KernelInfo | None:
     try:
         meta = json.loads((dest / "kernel.json").read_text())
+        if meta.get("format") != UNPACK_FORMAT:
+            return None
         info = KernelInfo(dest / meta["kernel"], dest / meta["modules_dir"],
                           f"debian-package:{meta['package']}", meta["version"])
     except (OSError, ValueError, KeyError):
@@ -227,13 +241,14 @@ def _unpacked_kernel(dest: Path) -> KernelInfo | None:
     return info if info.kernel.is_file() else None
 
 
-def _debian_kernel(root: Path, log: Log) -> KernelInfo:
+def _debian_kernel(root: Path, log: Log, release: str | None = None) -> KernelInfo:
     kernels = root / "kernels"
     try:
-        pkg = _apt_kernel_package()
+        pkg = _apt_kernel_package(release)
     except GuestImageError as exc:
         # No apt answer (no lists, not Debian): an earlier download still does the job.
-        cached = [i for d in sorted(kernels.glob("*/root")) if (i := _unpacked_kernel(d))]
+        cached = [i for d in sorted(kernels.glob("*/root")) if (i := _unpacked_kernel(d))
+                  and (release is None or release_matches(i.version, release))]
         if not cached:
             raise
         newest = max(cached, key=lambda i: i.kernel.stat().st_mtime_ns)
@@ -248,44 +263,27 @@ def _debian_kernel(root: Path, log: Log) -> KernelInfo:
     debs = sorted(pkg_dir.glob(f"{pkg}_*.deb"))  # kept: a re-unpack needs no download
     state = "cached .deb" if debs else "downloaded"
     if not debs:
-        debs = [_apt_download(pkg, pkg_dir)]
+        debs = [apt_download(pkg, pkg_dir)]
     _unpack_kernel(debs[0], pkg, pkg_dir / "root", log)
     info = _unpacked_kernel(pkg_dir / "root")
     if info is None:
         raise GuestImageError(f"unpacking {debs[0]} gave no usable kernel")
     log(f"kernel: Debian package {pkg} ({state})")
     # An unpacked package always has its modules directory (see _unpacked_kernel).
-    modules = len(list(info.modules_dir.rglob("*.ko"))) if info.modules_dir is not None else 0
+    modules = sum(1 for p in (info.modules_dir or pkg_dir).rglob("*") if p.name.endswith(kmod.MODULE_SUFFIXES))
     log(f"kernel: unpacked {info.kernel.name} and {modules} modules into {pkg_dir / 'root'}")
     return info
 
 
-def _apt_download(pkg: str, pkg_dir: Path) -> Path:
-    """``apt-get download pkg`` into ``pkg_dir``; the .deb's path."""
-    # Download into a private directory so a killed download never looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=pkg_dir))
-    try:
-        try:
-            proc = subprocess.run(["apt-get", "download", pkg], cwd=tmp, capture_output=True,
-                                  text=True, timeout=900, check=False)
-        except FileNotFoundError:
-            raise GuestImageError(f"no kernel: apt-get is not installed; {_APT_HINT}") from None
-        got = sorted(tmp.glob("*.deb"))
-        if proc.returncode != 0 or not got:
-            raise GuestImageError(f"no kernel: `apt-get download {pkg}` failed: "
-                                  f"{proc.stderr.strip()[-500:] or 'no .deb'}; {_APT_HINT}")
-        os.rename(got[0], pkg_dir / got[0].name)
-        return pkg_dir / got[0].name
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def acquire_kernel(*, kernel: Path | None = None, modules_dir: Path | None = None,
-                   cache_dir: Path | None = None, log: Log | None = None) -> KernelInfo:
+                   cache_dir: Path | None = None, log: Log | None = None,
+                   kernel_release: str | None = None) -> KernelInfo:
     """Find a kernel for the guest: ``kernel``, else the host's, else Debian's cloud kernel.
 
     :param kernel: use this kernel image.
     :param modules_dir: its ``lib/modules/<version>`` (searched next to ``kernel`` if omitted).
+    :param kernel_release: a series ("6.12", "6.1") or a full release: the host's kernel only
+        when it is of that release, else Debian's package for it (ignored with ``kernel``).
     :param cache_dir: where downloaded kernels are kept (``<cache>/kernels/<pkg>/``).
     :param log: receives a line saying which kernel was chosen and whether it was cached.
     :raises GuestImageError: when the explicit kernel or its modules are missing, or apt cannot
@@ -297,10 +295,10 @@ def acquire_kernel(*, kernel: Path | None = None, modules_dir: Path | None = Non
         say(f"kernel: explicit {explicit.kernel} ({explicit.version}, modules from {explicit.modules_dir})")
         return explicit
     host = _host_kernel(say)
-    if host is not None:
+    if host is not None and (kernel_release is None or release_matches(host.version, kernel_release)):
         say(f"kernel: host {host.kernel} with {host.modules_dir}")
         return host
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _debian_kernel(root, say)
+    return _debian_kernel(root, say, kernel_release)
 
 
