@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -20,6 +19,9 @@ from balloonlab.qemu.argv import (balloon_device, build_argv, kvm_usable, memory
 from balloonlab.domain import (AddressSpec, DiskSpec, DomainSpec, MemballoonSpec, builtin_domain,
                                load_domain_xml, with_changes)
 
+from .corpus_helpers import comparable_balloon, read_args
+from .corpus_helpers import option as _option
+
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "libvirt-memballoon"
 # <name>.<arch>-latest.args, and where SOURCES.md says there is no plain <name>.xml input,
 # the <name>.<arch>-latest.xml output XML is the input.
@@ -33,7 +35,6 @@ ARGS_STEMS = [
     "virtio-options-memballoon-packed.x86_64", "virtio-options.x86_64", "virtio-transitional.x86_64",
     "x86_64-pc-headless.x86_64", "x86_64-q35-headless.x86_64",
 ]
-ADDRESS_KEYS = ("bus", "addr", "devno")
 
 
 @pytest.fixture(scope="session")
@@ -47,20 +48,7 @@ def _pair(corpus: Path, stem: str) -> tuple[DomainSpec, list[str]]:
     name = stem.rsplit(".", 1)[0]
     source = corpus / f"{name}.xml"
     spec = load_domain_xml(source if source.exists() else corpus / f"{stem}-latest.xml")
-    text = (corpus / f"{stem}-latest.args").read_text()
-    return spec, shlex.split(text.replace("\\\n", " "))
-
-
-def _option(argv: list[str], option: str) -> str | None:
-    return argv[argv.index(option) + 1] if option in argv else None
-
-
-def _libvirt_balloon(argv: list[str]) -> dict | None:
-    devices = [json.loads(argv[i + 1]) for i, arg in enumerate(argv)
-               if arg == "-device" and argv[i + 1].startswith("{")]
-    balloons = [d for d in devices if d["driver"].startswith("virtio-balloon")]
-    assert len(balloons) <= 1
-    return balloons[0] if balloons else None
+    return spec, read_args(corpus / f"{stem}-latest.args")
 
 
 def _tcg_argv(spec: DomainSpec, **kwargs: object) -> list[str]:
@@ -76,14 +64,11 @@ def test_args_list_covers_every_args_file(corpus: Path) -> None:
 @pytest.mark.parametrize("stem", ARGS_STEMS)
 def test_balloon_device_matches_libvirt(corpus: Path, stem: str) -> None:
     spec, argv = _pair(corpus, stem)
-    ours, theirs = balloon_device(spec), _libvirt_balloon(argv)
+    ours, theirs = balloon_device(spec), comparable_balloon(spec, argv)
     if spec.memballoon is None:
         assert ours is None and theirs is None
         return
     assert theirs is not None and ours is not None
-    if spec.memballoon.address is None or spec.memballoon.address.type == "virtio-mmio":
-        # libvirt placed it itself (or mmio has no address): we leave placement to QEMU
-        theirs = {k: v for k, v in theirs.items() if k not in ADDRESS_KEYS}
     assert list(ours.items()) == list(theirs.items())  # same keys, values and order
 
 
