@@ -5,8 +5,10 @@ Importing this module registers ``DataFrame.balloon`` on any samples frame (inde
 :meth:`BalloonAccessor.libvirt` renames and rescales like ``virsh dommemstat``,
 :meth:`BalloonAccessor.used` puts the four peers' "used memory" formulas side by side so
 their disagreement is visible rather than guessed away, :meth:`BalloonAccessor.rates`
-turns cumulative counters into per-second rates that never go negative across a reset, and
-:meth:`BalloonAccessor.plot` draws the run with :func:`balloonlab.analysis.plotting.plot_memory`.
+turns cumulative counters into per-second rates that never go negative across a reset,
+:meth:`BalloonAccessor.pressure` classifies memory pressure per window from Linux 6.12's
+reclaim counters (:func:`balloonlab.analysis.pressure.classify_pressure`), and
+:meth:`BalloonAccessor.plot` / :meth:`BalloonAccessor.plot_pressure` draw them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from balloonlab.analysis.measures import EPOCH, column, conform, guest_names, seconds
+from balloonlab.analysis.pressure import PressureThresholds, Window, classify_pressure
 from balloonlab.model.schema import LIBVIRT_ROWS, STATS
 
 if TYPE_CHECKING:
@@ -31,7 +34,7 @@ RATE_COLUMNS: dict[str, str] = {
 
 @pd.api.extensions.register_dataframe_accessor("balloon")
 class BalloonAccessor:
-    """``samples.balloon``: libvirt's view, the "used memory" definitions, rates, plots.
+    """``samples.balloon``: libvirt's view, the "used memory" definitions, rates, pressure, plots.
 
     :param frame: a samples frame as the sampler builds it.
     """
@@ -159,6 +162,34 @@ class BalloonAccessor:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return out.iloc[inverse]
+
+    def pressure(self, window: Window | None = None,
+                 thresholds: PressureThresholds | None = None) -> pd.DataFrame:
+        """Memory-pressure regime per guest and window from Linux 6.12's reclaim counters.
+
+        :func:`balloonlab.analysis.pressure.classify_pressure` of this frame: ``critical``
+        (OOM kills), ``thrashing``, ``global``, ``cgroup`` (stalls, told apart by direct
+        scanning and its reclaim/scan ratio), ``struggling``, ``background``, ``none``, or
+        ``unknown`` where the counters are NA (QEMU < 9.2 or Linux < 6.12), beside the rates
+        and ratios that decided it.
+
+        :param window: ``"10s"``, a Timedelta, or a number of report intervals (default:
+            ``thresholds.window``).
+        :param thresholds: :class:`~balloonlab.analysis.pressure.PressureThresholds` (default
+            thresholds when None).
+        """
+        return classify_pressure(self._frame, window=window, thresholds=thresholds)
+
+    def plot_pressure(self, window: Window | None = None, thresholds: PressureThresholds | None = None,
+                      **kw: Any) -> Figure:
+        """:meth:`pressure` drawn by :func:`balloonlab.analysis.pressure_plot.plot_pressure`.
+
+        :param window: as for :meth:`pressure`.
+        :param thresholds: as for :meth:`pressure`.
+        :param kw: passed on to ``plot_pressure`` (``guests=``, ``yscale=``, ``fig=``).
+        """
+        from balloonlab.analysis.pressure_plot import plot_pressure
+        return plot_pressure(self.pressure(window, thresholds), **kw)
 
     def per_guest(self) -> dict[str, pd.DataFrame]:
         """The frame split by guest, each part in time order: ``{name: frame}``."""
