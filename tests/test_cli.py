@@ -27,7 +27,7 @@ import pytest
 from .qemu_helpers import foreign_qemu
 
 BALLOONLAB = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "balloonlab"
-UNITS = "b, bytes, KB, k, KiB, MB, M, MiB, GB, G, GiB, TB, T, TiB"
+UNITS = "b, bytes, KB, k, KiB, MB, M, MiB, GB, G, GiB, TB, T, TiB (any case; P and E too)"
 NAME_RULE = "must be 1-48 characters of A-Z a-z 0-9 _ . - and start with a letter or digit"
 RUN_HINT = "pass a folder made by 'balloonlab demo' or 'balloonlab record'"
 SOCKET_HINT = "start QEMU with -qmp unix:{0},server=on,wait=off or pass the socket it listens on"
@@ -101,7 +101,7 @@ def failure(*args: str, message: str, **kwargs: object) -> Case:
 
 XML = {
     "malformed": "<domain type='qemu'>\n  <name>g</nam>\n</domain>\n",
-    "unit": "<domain type='qemu'>\n  <name>g</name>\n  <memory unit='mib'>64</memory>\n</domain>\n",
+    "unit": "<domain type='qemu'>\n  <name>g</name>\n  <memory unit='Mbit'>64</memory>\n</domain>\n",
     "huge": "<domain type='qemu'>\n  <name>g</name>\n  <memory unit='TiB'>99999999999999999999</memory>\n</domain>\n",
     "negative": ("<domain type='qemu'>\n  <name>g</name>\n  <memory>65536</memory>\n"
                  "  <currentMemory>-5</currentMemory>\n</domain>\n"),
@@ -174,7 +174,7 @@ CASES: dict[str, Case] = {
                                                    r"libvirt <domain> document"),
     "record domain xml unknown unit": failure(*RECORD, setup=files({"d.xml": XML["unit"]}),
                                               message="domain XML d.xml: line 3, <memory>: unknown memory unit "
-                                                      f"'mib'; expected one of: {UNITS}"),
+                                                      f"'Mbit'; expected one of: {UNITS}"),
     "record domain xml size too large": failure(*RECORD, setup=files({"d.xml": XML["huge"]}),
                                                 message="domain XML d.xml: line 3, <memory>: <memory> of "
                                                         "99999999999999999999 TiB is too large; libvirt accepts at "

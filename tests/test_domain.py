@@ -218,9 +218,9 @@ def test_empty_document() -> None:
 
 
 def test_unknown_unit_reports_line_and_element() -> None:
-    error = _error("<domain type='qemu'>\n  <name>g</name>\n  <memory unit='mib'>64</memory>\n</domain>")
+    error = _error("<domain type='qemu'>\n  <name>g</name>\n  <memory unit='Mbit'>64</memory>\n</domain>")
     assert (error.line, error.element) == (3, "memory")
-    assert "'mib'" in error.message and "MiB" in error.message
+    assert "'Mbit'" in error.message and "MiB" in error.message
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "12.5", "abc", "", "1" * 25])

@@ -114,7 +114,8 @@ def _padded(numbers: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 
 _JUNK_NUMBERS = st.sampled_from(["", " ", "-1", "-0", "+5", "1.5", "0x10", "1e3", "abc", "1" * 21, "0" * 25,
                                  "\u0663", "\uff11\uff12", "12 KiB", "0", "18446744073709551616"]) | xml_text
-_JUNK_UNITS = st.sampled_from(["mib", "Mb", "KIB", "", " MiB", "bytes ", "EiB", "PiB", "B", "kib"]) | xml_text
+_JUNK_UNITS = st.sampled_from(["mib", "Mb", "KIB", "", " MiB", "bytes ", "EiB", "PiB", "B", "kib", "Mbit", "mibs",
+                                "\u212aiB", "xB", "BYTE"]) | xml_text
 
 
 # ---------------------------------------------------------------------------- domain XML
@@ -132,11 +133,25 @@ class Expect:
     balloons: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
+def _unit_bytes(unit: str) -> int | None:
+    """libvirt's virScaleInteger rules, written out here apart from balloonlab's: any case,
+    b/byte/bytes, a k/m/g/t/p/e prefix alone or + iB (binary) or + B (decimal); None: refused."""
+    found = re.fullmatch(r"(b|byte|bytes)|([kmgtpe])(ib)?|([kmgtpe])b", unit, re.ASCII | re.IGNORECASE)
+    if found is None:
+        return None
+    if found.group(1):
+        return 1
+    if found.group(2):
+        return 1024 ** ("kmgtpe".index(found.group(2).lower()) + 1)
+    return 1000 ** ("kmgtpe".index(found.group(4).lower()) + 1)
+
+
 def _expected_bytes(text: str, unit: str | None) -> int | None:
     """What libvirt makes of <memory unit=...>text</memory> in bytes (None: it refuses it)."""
-    if not re.fullmatch(r"\s*[0-9]{1,20}\s*", text) or (unit or "KiB") not in UNITS:
+    factor = _unit_bytes(unit or "KiB")
+    if not re.fullmatch(r"\s*[0-9]{1,20}\s*", text) or factor is None:
         return None
-    nbytes = -(-int(text) * UNITS[unit or "KiB"] // 1024) * 1024
+    nbytes = -(-int(text) * factor // 1024) * 1024
     return nbytes if nbytes <= LIBVIRT_MAX_MEMORY else None
 
 
@@ -447,9 +462,10 @@ def _reference_size(text: str, default_unit: str) -> int | None:
     if not match:
         return None
     sign, number, unit = match.groups()
-    if (unit or default_unit) not in UNITS or len(number.replace(".", "")) > MAX_SIZE_DIGITS:
+    factor = _unit_bytes(unit or default_unit)
+    if factor is None or len(number.replace(".", "")) > MAX_SIZE_DIGITS:
         return None
-    value = Fraction(number) * UNITS[unit or default_unit]
+    value = Fraction(number) * factor
     if (sign and value) or value.denominator != 1:
         return None
     return int(value)

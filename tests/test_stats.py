@@ -129,7 +129,7 @@ async def test_balloon_change_events_arrive_with_host_timestamps(guest):
 
 
 @pytest.mark.parametrize("target, error, match", [
-    (0, ValueError, "below one page"), (256, ValueError, "did you mean .256M."), (-5, ValueError, "negative"), ("256Mb", ValueError, "unknown memory unit"),
+    (0, ValueError, "below one page"), (256, ValueError, "did you mean .256M."), (-5, ValueError, "negative"), ("256Mbit", ValueError, "unknown memory unit"),
     ("1G", ValueError, "above the guest's memory"), (True, TypeError, "int"), (2.5, TypeError, "int")])
 async def test_bad_targets_are_refused_with_a_clear_message(guest, target, error, match):
     before = guest.monitor.round_trips

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-#: libvirt's memory units (docs/formatdomain.rst "Memory Allocation"), to bytes.
+#: libvirt's memory units as its docs list them (docs/formatdomain.rst "Memory Allocation"), to
+#: bytes. libvirt itself (virScaleInteger) reads any case and P/E too: :func:`unit_factor`.
 UNITS: dict[str, int] = {
     "b": 1, "bytes": 1,
     "KB": 10**3, "k": 2**10, "K": 2**10, "KiB": 2**10,
@@ -17,7 +18,9 @@ UNITS: dict[str, int] = {
     "GB": 10**9, "G": 2**30, "GiB": 2**30,
     "TB": 10**12, "T": 2**40, "TiB": 2**40,
 }
-_UNIT_HELP = "b, bytes, KB, k, KiB, MB, M, MiB, GB, G, GiB, TB, T, TiB"
+_UNIT_HELP = "b, bytes, KB, k, KiB, MB, M, MiB, GB, G, GiB, TB, T, TiB (any case; P and E too)"
+_BINARY: dict[str, int] = {prefix: 1 << (10 * (i + 1)) for i, prefix in enumerate("kmgtpe")}
+_DECIMAL: dict[str, int] = {prefix: 1000 ** (i + 1) for i, prefix in enumerate("kmgtpe")}
 # [0-9], not \d: \d also matches other scripts' digits ("\u0663" is an Arabic-Indic 3), which
 # int() would read, but libvirt and QEMU would not.
 _SIZE_RE = re.compile(r"\s*(-?)([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*\Z")
@@ -34,17 +37,23 @@ def _shown(value: object, limit: int = 40) -> str:
 
 
 def unit_factor(unit: str) -> int:
-    """Bytes per ``unit`` (libvirt's table; ``k``/``K`` and ``M`` etc. are binary).
+    """Bytes per ``unit``, read as libvirt reads it (virScaleInteger): case-insensitive;
+    ``b``/``byte``/``bytes`` are 1; a prefix letter (k, m, g, t, p, e) alone or with ``iB`` is
+    binary (``M``, ``MiB``, ``mib``), with ``B`` decimal (``MB``, ``mb``: 10^6).
 
-    :raises ValueError: for a unit libvirt does not accept (e.g. ``"Mb"``, ``"mib"``).
+    :raises ValueError: for a unit libvirt does not accept (e.g. ``"Mbytes"``, ``"x"``).
     :raises TypeError: for a unit that is not a str.
     """
     if not isinstance(unit, str):
         raise TypeError(f"a memory unit must be a str like 'MiB', got {type(unit).__name__}")
-    try:
-        return UNITS[unit]
-    except KeyError:
-        raise ValueError(f"unknown memory unit {_shown(unit)}; expected one of: {_UNIT_HELP}") from None
+    lower = unit.lower() if unit.isascii() else ""
+    if lower in ("b", "byte", "bytes"):
+        return 1
+    if lower[:1] in _BINARY and lower[1:] in ("", "ib"):
+        return _BINARY[lower[:1]]
+    if lower[:1] in _DECIMAL and lower[1:] == "b":
+        return _DECIMAL[lower[:1]]
+    raise ValueError(f"unknown memory unit {_shown(unit)}; expected one of: {_UNIT_HELP}")
 
 
 def parse_size(value: int | str, default_unit: str = "b") -> int:
