@@ -86,8 +86,8 @@ def _tree(root: Path) -> dict[str, tuple]:
     return out
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="extracting device nodes needs root")
 def test_cpio_round_trip_through_busybox(tmp_path: Path) -> None:
+    assert os.geteuid() == 0, "extracting device nodes needs root: run the tests as root (make test does on CI)"
     data = _sample_archive().getvalue()
     listing = subprocess.run([BUSYBOX, "cpio", "-t"], input=data, capture_output=True, check=True)
     names = listing.stdout.decode().split()
@@ -216,7 +216,7 @@ def test_resolve_order_synthetic(tmp_path: Path) -> None:
 def test_image_from_debian_package(image: GuestImage) -> None:
     assert image.kernel_source.startswith("debian-package:linux-image-")
     assert image.kernel_source.endswith("-cloud-amd64")
-    assert image.cmdline == "console=ttyS0 quiet panic=1"
+    assert image.cmdline == "console=ttyS0 quiet panic=1 memhp_default_state=online_movable"
     assert image.kernel_version == kernel.kernel_release(image.kernel)
     assert image.kernel.stat().st_size > 5 * MiB and image.initrd.stat().st_size > 500_000
     assert image.initrd.parent.name == image.key and len(image.key) == 64
@@ -414,7 +414,7 @@ def test_boot_with_balloon_driver_and_agent(image: GuestImage) -> None:
     try:
         ready = guest.wait_ready()
         print(f"\ntime to READY: {time.monotonic() - guest.started:.2f} s")
-        assert ready == [f"BALLOONLAB-READY balloon=yes kernel={image.kernel_version}"]
+        assert ready == [f"BALLOONLAB-READY balloon=yes swap=no kernel={image.kernel_version}"]
         assert guest.request("ping") == "ok pong"
         base = guest.meminfo()
         assert 400 * MiB < base["MemTotal"] <= 512 * MiB
@@ -452,7 +452,7 @@ def test_boot_with_balloon_driver_and_agent(image: GuestImage) -> None:
 def test_boot_without_balloon_driver_and_reboot(image: GuestImage) -> None:
     guest = Guest(image, "balloonlab.nodriver=1")
     try:
-        assert guest.wait_ready() == [f"BALLOONLAB-READY balloon=no kernel={image.kernel_version}"]
+        assert guest.wait_ready() == [f"BALLOONLAB-READY balloon=no swap=no kernel={image.kernel_version}"]
         assert guest.request("ping") == "ok pong"
         assert guest.request("reboot") == "ok"
         # A guest-initiated reset: the kernel boots again and init prints READY once more.
@@ -462,8 +462,8 @@ def test_boot_without_balloon_driver_and_reboot(image: GuestImage) -> None:
         guest.close()
 
 
-@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb to compare with")
 def test_deb_unpacked_in_python_matches_dpkg(kernel_info: KernelInfo, tmp_path: Path) -> None:
+    assert shutil.which("dpkg-deb"), "dpkg-deb (Debian's dpkg) is needed to compare with"
     pkg = kernel_info.source.split(":", 1)[1]
     deb = next((kernel_info.kernel.parents[2]).glob(f"{pkg}_*.deb"))
     # A cache holding only the .deb: the kernel is unpacked again without any download.
@@ -504,3 +504,37 @@ def test_host_kernel_is_preferred_when_readable(kernel_info: KernelInfo, tmp_pat
     # Its modules are for another release: refused before the guest would fail to insmod them.
     with pytest.raises(GuestImageError, match="built for kernel"):
         build_guest_image(cache_dir=tmp_path / "cache")
+
+
+# --- kernels of several releases -------------------------------------------------------------
+
+def test_release_matching_and_trixies_merged_usr_module_paths() -> None:
+    assert kernel.release_matches("6.12.118+deb12-cloud-amd64", "6.12")
+    assert kernel.release_matches("6.1.0-57-cloud-amd64", "6.1")
+    assert not kernel.release_matches("6.12.118+deb12-cloud-amd64", "6.1")
+    assert not kernel.release_matches("6.1.0-57-cloud-amd64", "6.12")
+    assert kernel.release_matches("6.1.0-57-cloud-amd64", "6.1.0-57-cloud-amd64")
+    # bookworm ships lib/modules, trixie (merged /usr) usr/lib/modules: both unpack to lib/modules.
+    assert kernel._modules_root("usr/lib/modules/6.12.1/kernel/drivers/virtio/virtio_balloon.ko.xz") == \
+        "lib/modules/6.12.1/kernel/drivers/virtio/virtio_balloon.ko.xz".split("/")
+    assert kernel._modules_root("lib/modules/6.1.0/modules.builtin") == ["lib", "modules", "6.1.0", "modules.builtin"]
+    assert kernel._modules_root("usr/share/doc/x") is None and kernel._modules_root("boot/vmlinuz-6.1") is None
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(240)
+def test_each_kernel_series_has_its_image_and_zram_swap_comes_up(image: GuestImage) -> None:
+    from balloonlab.image.stacks import EXTRA_STACKS, host_codename
+    series = {"6.1", "6.12"} if host_codename() == "bookworm" else {image.kernel_version.rsplit(".", 1)[0]}
+    assert find_guest_image() == image  # the default image: the one built without a kernel choice
+    for release in sorted(series | {s.kernel_release for s in EXTRA_STACKS.get(host_codename() or "", ())}):
+        found = find_guest_image(kernel_release=release)
+        assert found is not None, f"no {release} image: run `make stacks`"
+        assert kernel.release_matches(found.kernel_version, release)
+        assert {"virtio_balloon", "virtio_mem", "zram"} <= set(found.modules), found.modules
+        guest = Guest(found, extra_cmdline="balloonlab.swap=67108864")
+        try:
+            # init prints the swap size only once swapon on /dev/zram0 succeeded.
+            assert guest.wait_ready() == [f"BALLOONLAB-READY balloon=yes swap=67108864 kernel={found.kernel_version}"]
+        finally:
+            guest.close()

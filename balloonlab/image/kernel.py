@@ -35,6 +35,9 @@ DEBIAN_METAPACKAGE = "linux-image-cloud-amd64"
 #: zram (a swap device in guest RAM, for pressure regimes that need swap) and its default
 #: compressor; virtio_mem lives in drivers/virtio already.
 EXTRA_MODULES = ("zram", "lzo_rle")
+#: ``<cache>/kernels/DEFAULT_KERNEL_MARKER`` names the package of the release's own kernel, the
+#: one to fall back on when apt cannot answer and several kernels are cached.
+DEFAULT_KERNEL_MARKER = "default"
 #: Bump when what an unpacked kernel holds changes: older unpacks are redone from the .deb.
 UNPACK_FORMAT = 2
 
@@ -251,10 +254,19 @@ def _debian_kernel(root: Path, log: Log, release: str | None = None) -> KernelIn
                   and (release is None or release_matches(i.version, release))]
         if not cached:
             raise
+        if release is None:  # the release's own kernel, as apt named it last time
+            try:
+                default = (kernels / DEFAULT_KERNEL_MARKER).read_text().strip()
+            except OSError:
+                default = None
+            cached = [i for i in cached if i.source == f"debian-package:{default}"] or cached
         newest = max(cached, key=lambda i: i.kernel.stat().st_mtime_ns)
         log(f"kernel: Debian package {newest.source.split(':', 1)[1]} (cached; apt-cache failed: {exc})")
         return newest
     pkg_dir = kernels / pkg
+    if release is None:
+        pkg_dir.mkdir(parents=True, exist_ok=True)
+        (kernels / DEFAULT_KERNEL_MARKER).write_text(pkg + "\n")
     info = _unpacked_kernel(pkg_dir / "root")
     if info is not None:
         log(f"kernel: Debian package {pkg} (cached)")
