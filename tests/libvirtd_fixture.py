@@ -82,12 +82,12 @@ def _ours(name: str, *, stale: bool) -> bool:
     return name.startswith(f"{PREFIX}{os.getpid()}-")
 
 
-def _cleanup(*, stale: bool = False) -> list[str]:
+def _cleanup(*, stale: bool = False, uri: str = URI) -> list[str]:
     import libvirt
 
     from balloonlab.libvirt.files import agent_root
     left = []
-    conn = libvirt.open(URI)
+    conn = libvirt.open(uri)
     try:
         for dom in conn.listAllDomains():
             name = dom.name()
