@@ -140,3 +140,37 @@ async def test_bad_targets_are_refused_with_a_clear_message(guest, target, error
 
 async def test_target_above_memory_can_be_clamped(guest):
     assert await guest.balloon.set_target("1G", above_max="clamp") == 512 * MiB
+
+
+def test_a_report_made_before_a_reset_but_read_after_its_event_is_not_the_reset_sample():
+    # QEMU 7.2 keeps the last report readable across a reset; a reader may get the RESET event
+    # (at host time 100.8) before it reads the report the guest made at 100.5 (last-update 100).
+    from balloonlab import StatsClassifier
+    from balloonlab.model.stats import BalloonStats
+
+    def report(t, lu, faults, resets=0, reset_time=None):
+        return BalloonStats(t, lu, {"minor_faults": faults, "free_memory": 1000 + faults}, None,
+                            resets=resets, reset_time=reset_time)
+
+    c = StatsClassifier()
+    assert c.classify(report(99.6, 99, 5000)).new
+    late = c.classify(report(100.9, 100, 5100, resets=1, reset_time=100.8))
+    assert late.new and not late.reset  # made before the reset: the old boot's counters
+    stale = c.classify(report(101.9, 100, 5100, resets=1, reset_time=100.8))
+    assert not stale.new and not stale.reset  # 7.2: the same stale report until the guest reports
+    first = c.classify(report(103.1, 103, 450, resets=1, reset_time=100.8))
+    assert first.new and first.reset  # the new boot's first report, once
+    after = c.classify(report(104.1, 104, 500, resets=1, reset_time=100.8))
+    assert after.new and not after.reset
+    # A reset whose first report's counters did not go back is still marked, by its time.
+    d = StatsClassifier()
+    d.classify(report(10.2, 10, 100))
+    marked = d.classify(report(14.3, 14, 900, resets=1, reset_time=11.5))
+    assert marked.new and marked.reset
+    # QEMU >= 9.2: the stats drop to unset (last-update 0) at the reset; the next report is it.
+    e = StatsClassifier()
+    e.classify(report(20.2, 20, 100))
+    gone = e.classify(BalloonStats(21.0, None, {"minor_faults": None}, None, resets=1, reset_time=20.9))
+    assert not gone.new and not gone.reset
+    back = e.classify(report(23.4, 23, 800, resets=1, reset_time=20.9))
+    assert back.new and back.reset

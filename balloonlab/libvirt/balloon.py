@@ -94,14 +94,15 @@ class LibvirtBalloon(BalloonBase):
     async def read_report(self, *, query_actual: bool = True) -> BalloonStats:
         """One read of the guest's report, unclassified (see the module docstring)."""
         self._require_device()
-        resets = self.resets
+        resets, reset_time = self.resets, self.last_reset_time
         if self._qmp is not None:
             record = await self._qmp.read_report(query_actual=query_actual)
             if query_actual:
                 self.actual = record.actual
             return dataclasses.replace(record, actual=record.actual if query_actual else self.actual,
-                                       resets=resets)
-        record, self.last_rss = stats_from_libvirt(await self.link.memory_stats(), resets=resets)
+                                       resets=resets, reset_time=reset_time)
+        record, self.last_rss = stats_from_libvirt(await self.link.memory_stats(), resets=resets,
+                                                   reset_time=reset_time)
         if record.actual is not None:
             self.actual = record.actual
         return record
@@ -122,4 +123,4 @@ class LibvirtBalloon(BalloonBase):
         if event.name == "BALLOON_CHANGE":
             self._balloon_changed(int(event.data["actual"]), event.time)
         elif event.name == "RESET":
-            self._guest_reset()
+            self._guest_reset(event.time)

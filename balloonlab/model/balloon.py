@@ -87,6 +87,8 @@ class BalloonBase(abc.ABC):
         self.period_s: int | None = None
         #: RESET events seen on this connection (readers compare counts; none consumes them).
         self.resets = 0
+        #: Host time (epoch s) of the newest of them, as QEMU (or libvirt) stamped the event.
+        self.last_reset_time: float | None = None
         self.changes: collections.deque[BalloonChange] = collections.deque(maxlen=4096)
         self._change_waiters: list[asyncio.Event] = []
         self._listeners: list[Callable[[BalloonChange], None]] = []
@@ -274,9 +276,10 @@ class BalloonBase(abc.ABC):
         for listener in list(self._listeners):
             listener(change)
 
-    def _guest_reset(self) -> None:
-        """The backend saw the guest reset (QMP RESET, libvirt's reboot event)."""
+    def _guest_reset(self, at: float | None = None) -> None:
+        """The backend saw the guest reset (QMP RESET, libvirt's reboot event) at host time ``at``."""
         self.resets += 1
+        self.last_reset_time = at
 
     def _notify_setting(self, kind: str, value: int) -> None:
         for listener in list(self._setting_listeners):

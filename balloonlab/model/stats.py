@@ -54,6 +54,8 @@ class BalloonStats:
     :param reset: True when that classifier saw a guest reset/reboot before this sample.
     :param resets: RESET events the balloon had seen on its connection when it was read
         (a count every reader can compare, so none consumes another's reset).
+    :param reset_time: host time (epoch s) of the newest of those resets, None when unknown:
+        a report whose last-update is older was made before that reset.
     """
 
     read_time: float
@@ -63,6 +65,7 @@ class BalloonStats:
     new: bool = False
     reset: bool = False
     resets: int = 0
+    reset_time: float | None = None
 
     @property
     def reported(self) -> bool:
@@ -90,7 +93,8 @@ class BalloonStats:
 
 
 def parse_guest_stats(reply: dict[str, object], *, actual: int | None = None,
-                      read_time: float | None = None, resets: int = 0) -> BalloonStats:
+                      read_time: float | None = None, resets: int = 0,
+                      reset_time: float | None = None) -> BalloonStats:
     """Build a :class:`BalloonStats` from QEMU's ``guest-stats`` reply (``new`` left False).
 
     :raises ValueError: when the reply does not have QEMU's shape (an object with a ``stats``
@@ -113,7 +117,7 @@ def parse_guest_stats(reply: dict[str, object], *, actual: int | None = None,
             name = names[key] = stat_name(key)
         stats[name] = value if type(value) is int and 0 <= value < UNSET else None  # as clean_value
     return BalloonStats(time.time() if read_time is None else read_time, last_update, stats, actual,
-                        False, False, resets)
+                        False, False, resets, reset_time)
 
 
 #: QEMU key -> stat name, filled as keys are met (a reply's keys are a handful per QEMU version).
@@ -144,7 +148,7 @@ def format_dommemstat(view: dict[str, int]) -> str:
 
 
 def stats_from_libvirt(raw: dict[str, int], read_time: float | None = None,
-                       resets: int = 0) -> tuple[BalloonStats, int | None]:
+                       resets: int = 0, reset_time: float | None = None) -> tuple[BalloonStats, int | None]:
     """``virDomainMemoryStats()`` -> (BalloonStats in balloonlab's names and bytes, rss bytes).
 
     The inverse of :func:`libvirt_view`: KiB values are multiplied by 1024 (the sub-KiB part
@@ -157,5 +161,6 @@ def stats_from_libvirt(raw: dict[str, int], read_time: float | None = None,
         values[ours] = int(value) * factor
     actual, last_update, rss = (values.pop(k, None) for k in ("actual", "last_update", "rss"))
     record = BalloonStats(read_time=time.time() if read_time is None else read_time,
-                          last_update=last_update or None, stats=dict(values), actual=actual, resets=resets)
+                          last_update=last_update or None, stats=dict(values), actual=actual, resets=resets,
+                          reset_time=reset_time)
     return record, rss

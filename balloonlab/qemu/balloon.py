@@ -58,11 +58,11 @@ class Balloon(BalloonBase):
 
     async def read_report(self, *, query_actual: bool = True) -> BalloonStats:
         """``qom-get guest-stats`` (+ ``query-balloon``): the guest's last report, unclassified."""
-        resets = self.resets
+        resets, reset_time = self.resets, self.last_reset_time
         reply = await self.monitor.execute("qom-get", {"path": await self.path(),
                                                        "property": "guest-stats"})
         actual = await self.query_actual() if query_actual else self.actual
-        return parse_guest_stats(reply, actual=actual, resets=resets)
+        return parse_guest_stats(reply, actual=actual, resets=resets, reset_time=reset_time)
 
     async def status(self) -> str:
         """``query-status``: QEMU's run state."""
@@ -80,4 +80,4 @@ class Balloon(BalloonBase):
         if event.name == "BALLOON_CHANGE":
             self._balloon_changed(int(event.data["actual"]), event.time)
         elif event.name == "RESET":
-            self._guest_reset()
+            self._guest_reset(event.time)
