@@ -41,13 +41,15 @@ def libvirt_balloon(argv: list[str]) -> dict[str, object] | None:
 def comparable_balloon(spec: DomainSpec, argv: list[str]) -> dict[str, object] | None:
     """libvirt's balloon ``-device`` as balloonlab's :func:`balloon_device` should write it.
 
-    Where the XML gives no address (libvirt placed the device itself) or a virtio-mmio one
-    (no bus address), balloonlab leaves placement to QEMU: the address keys are dropped.
+    Where the XML gives no address or a PCI one without a slot (libvirt placed the device
+    itself), or a virtio-mmio one (no bus address), balloonlab leaves placement to QEMU: the
+    address keys are dropped.
     """
     theirs = libvirt_balloon(argv)
     balloon = spec.memballoon
-    if theirs is not None and balloon is not None and (balloon.address is None
-                                                       or balloon.address.type == "virtio-mmio"):
+    address = balloon.address if balloon is not None else None
+    if theirs is not None and (address is None or address.type == "virtio-mmio"
+                               or address.type == "pci" and address.slot is None):
         theirs = {k: v for k, v in theirs.items() if k not in ADDRESS_KEYS}
     return theirs
 
