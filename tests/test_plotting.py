@@ -91,3 +91,15 @@ def test_save_run_plot_writes_png(tmp_path):
     path = save_run_plot(samples, events, tmp_path / "plots" / "run.png")
     assert path == tmp_path / "plots" / "run.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "plots" / "run-pressure.png").exists()  # no reclaim counters in this run
+
+
+def test_save_run_plot_adds_the_pressure_plot_when_the_run_has_reclaim_counters(tmp_path):
+    rows = [{"t": t, "guest": "g", "lu": t, "actual": 512 * MiB, "total_memory": 480 * MiB,
+             "free_memory": 100 * MiB, "available_memory": 120 * MiB, "oom_kills": 0, "alloc_stalls": 5 * t,
+             "async_scans": 0, "async_reclaims": 0, "direct_scans": 4 * MiB * t, "direct_reclaims": 3 * MiB * t}
+            for t in range(30)]
+    path = save_run_plot(samples_frame(rows), None, tmp_path / "plot.png")
+    pressure = tmp_path / "plot-pressure.png"
+    assert path.read_bytes()[:8] == pressure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pressure.stat().st_size > 10_000

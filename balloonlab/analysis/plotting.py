@@ -25,6 +25,7 @@ from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
 from balloonlab.analysis.measures import _int, column, conform, guest_names
+from balloonlab.analysis.pressure import PRESSURE_COUNTERS, classify_pressure
 from balloonlab.model.units import format_size
 
 MiB = 1 << 20
@@ -293,8 +294,18 @@ def update_memory_plot(fig: Figure, samples: pd.DataFrame, events: pd.DataFrame 
         fig.canvas.draw_idle()
 
 
+def pressure_plot_path(path: str | Path) -> Path:
+    """Where :func:`save_run_plot` puts the pressure plot beside ``path`` (``plot-pressure.png``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-pressure{path.suffix}")
+
+
 def save_run_plot(samples: pd.DataFrame, events: pd.DataFrame | None, path: str | Path) -> Path:
     """Write :func:`plot_memory` of a whole run to ``path`` as a PNG (110 dpi, tight box).
+
+    When the run has the reclaim counters of QEMU >= 9.2 with Linux >= 6.12 (any guest), the
+    pressure regimes and reclaim rates (:func:`~balloonlab.analysis.pressure_plot.plot_pressure`)
+    go beside it, at :func:`pressure_plot_path`.
 
     :param samples: the samples frame.
     :param events: the events frame (or None).
@@ -305,4 +316,8 @@ def save_run_plot(samples: pd.DataFrame, events: pd.DataFrame | None, path: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = plot_memory(samples, events)
     fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    if any(name in samples and samples[name].notna().any() for name in PRESSURE_COUNTERS):
+        from balloonlab.analysis.pressure_plot import plot_pressure
+        plot_pressure(classify_pressure(samples)).savefig(pressure_plot_path(path), format="png", dpi=110,
+                                                          bbox_inches="tight")
     return path
