@@ -167,7 +167,7 @@ def test_run_of_a_sigkilled_process_loads_up_to_its_last_flush(builtin_ready, gu
 
 @pytest.mark.parametrize("make, match", [
     (lambda: Schedule.from_list([(0, "-256M")]), "negative"),
-    (lambda: Schedule.steps(["256Mb"], 5), "unknown memory unit 'Mb'"),
+    (lambda: Schedule.steps(["256Mbit"], 5), "unknown memory unit 'Mbit'"),
     (lambda: Schedule.from_list([(5, "256M"), (1, "128M")]), "increasing order"),
     (lambda: Schedule.steps(["256M"], 0), "every_s"),
 ])
