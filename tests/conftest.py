@@ -274,3 +274,18 @@ def pytest_sessionfinish(session, exitstatus):
     """Remove the session's runtime root (empty unless a test failed to clean up)."""
     import shutil
     shutil.rmtree(RUNTIME_ROOT, ignore_errors=True)
+
+
+#: Tests that share a daemon, or stop and start one, run on one xdist worker (`make test` runs
+#: pytest -n 2 --dist loadgroup): the system's libvirtd (a test restarts it) and a stack's
+#: libvirtd in its mount namespace. Keyed by the fixtures that need them, at any depth.
+XDIST_GROUPS = {"libvirtd": "libvirt", "libvirt_domains": "libvirt", "libvirt11": "libvirt"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put every test that uses one of :data:`XDIST_GROUPS`' fixtures in that group."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        group = next((g for fixture, g in XDIST_GROUPS.items() if fixture in used), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
