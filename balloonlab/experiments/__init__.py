@@ -2,11 +2,14 @@
 
 ``schedule`` declares balloon-target and workload schedules, validated before any guest
 starts; ``runner`` launches or takes guests, samples them into a run folder, plays the
-schedules and returns the :class:`~balloonlab.record.store.Run`. Mechanism comparisons and
-policies (live and replayed on recorded runs) are added here as sibling modules.
+schedules and returns the :class:`~balloonlab.record.store.Run`; ``period_study`` runs one
+guest per stats period under the same bursts and holds their reports against each guest's
+own ground truth. Mechanism comparisons and policies (live and replayed on recorded runs)
+are added here as sibling modules.
 """
 
+from balloonlab.experiments.period_study import Burst, PeriodStudy, PeriodStudyResult, plan_bursts
 from balloonlab.experiments.runner import Experiment
 from balloonlab.experiments.schedule import Schedule
 
-__all__ = ["Experiment", "Schedule"]
+__all__ = ["Burst", "Experiment", "PeriodStudy", "PeriodStudyResult", "Schedule", "plan_bursts"]
