@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from balloonlab.cli import guests, runs, stacks
+from balloonlab.cli import guests, period, runs, stacks
 from balloonlab.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, _Parser
 from balloonlab.cli.runs import demo_experiment, print_summary
 from balloonlab.model.errors import BalloonLabError, LaunchError
@@ -22,7 +22,7 @@ from balloonlab.model.errors import BalloonLabError, LaunchError
 __all__ = ["build_parser", "demo_experiment", "main", "print_summary"]
 
 #: The modules that add subcommands, in ``--help`` order; each has ``register(command)``.
-COMMAND_MODULES = (guests, stacks, runs)
+COMMAND_MODULES = (guests, stacks, runs, period)
 
 
 def build_parser() -> argparse.ArgumentParser:
