@@ -95,7 +95,7 @@ def test_committed_notebooks_are_stripped_of_outputs():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "strip-notebook-outputs"), "--check"],
                             check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"run scripts/strip-notebook-outputs:\n{result.stdout}"
-    assert len(list(NOTEBOOKS.glob("*.ipynb"))) == 6
+    assert len(list(NOTEBOOKS.glob("*.ipynb"))) == 7
 
 
 def test_quickstart_records_samples_plots_and_saves_the_run(kernel_env, tmp_path):
@@ -185,3 +185,24 @@ def test_libvirt_notebook_attaches_to_a_domain_and_records_it_beside_a_qmp_guest
     assert number(r"nb06-qmp: backend qmp, (\d+) samples", text) >= 3
     assert re.search(rf"{name}: backend libvirt, \d+ samples, lowest actual 320 MiB", text)
     assert re.search(r"^actual 524288$", text, re.M)  # virsh dommemstat, after the deflate
+
+
+def test_stats_period_notebook_measures_every_period_against_the_guests_truth(kernel_env, tmp_path):
+    nb, workdir = run_notebook("07-stats-period.ipynb", tmp_path)
+    text = outputs(nb)
+    assert "5 guests, 40 s of bursts held 2, 4 s" in text  # the short version (2 x 20 s)
+    for period in (1, 2, 5, 10, 30):
+        assert number(rf"nb07-p{period}: \d+ truth samples, median interval ([\d.]+) s", text) == \
+            pytest.approx(0.1, abs=0.005)
+        assert number(rf"nb07-p{period}: .* clock offset to ±(\d+) ms", text) < 50
+    bursts = number(r"period 1 s: \d+ of (\d+) bursts missed", text)
+    assert bursts >= 3 and number(r"period 1 s: (\d+) of", text) == 0
+    # The timers restart together: the 30 s guest reports at 0 and 30 s, so the bursts that
+    # end before 30 s (all but the last) fall between two of its reports.
+    assert number(r"period 30 s: (\d+) of", text) >= bursts - 1
+    cpu = {p: number(rf"period {p} s: .* sampler ([\d.]+) CPU s per guest-hour", text) for p in (1, 30)}
+    assert cpu[1] > 3 * cpu[30]
+    assert outputs(nb, "image/png").count("iVBOR") >= 2  # the truth against the reports, and the study's figure
+    runs = list((workdir / "runs").glob("*-stats-period"))
+    assert len(runs) == 1 and (runs[0] / "table.csv").exists() and (runs[0] / "truth.parquet").exists()
+    assert "'period-study.png'" in text
