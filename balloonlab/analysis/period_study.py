@@ -44,6 +44,9 @@ PAGE = 4096
 SIGNAL, REPORT_SIGNAL = "MemAvailable", "available_memory"
 #: Kinds, in the order tables and plots show them; "all" is every burst together.
 KINDS = ("alloc", "reclaim", "all")
+#: The columns of :func:`period_table` before the cost columns.
+TABLE_COLUMNS = ("period_s", "kind", "bursts", "missed", "missed_pct", "delay_median_s", "delay_max_s",
+                 "true_peak_median_mib", "under_median_mib", "under_median_pct", "under_max_pct")
 
 
 def uptime_to_epoch(uptime_s: Sequence[float] | np.ndarray, first: tuple[float, float],
@@ -254,7 +257,7 @@ def period_table(detections: pd.DataFrame, costs: pd.DataFrame | None = None) ->
                          "true_peak_median_mib": group["true_peak_bytes"].median() / MiB,
                          "under_median_mib": group["under_bytes"].median() / MiB,
                          "under_median_pct": group["under_pct"].median(), "under_max_pct": group["under_pct"].max()})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     if costs is not None and len(table):
         hours = costs["duration_s"].astype(float) / 3600
         per = pd.DataFrame({"period_s": costs["period_s"].astype(int),
@@ -294,6 +297,9 @@ def plot_period_study(table: pd.DataFrame, detections: pd.DataFrame, fig: Figure
                        linewidths=0)
             ax.plot(rows["period_s"], rows[med], **style)
     axes[1, 0].plot(periods, periods, color="gray", lw=0.8, ls=":", label="delay = period")
+    # Only detected bursts have a delay, and none is longer than its burst: keep the scale on them.
+    most = np.nanmax(detections["delay_s"].to_numpy(dtype=float), initial=1.0)
+    axes[1, 0].set_ylim(0, 1.25 * most)
     axes[0, 0].set(ylabel="bursts missed (%)", ylim=(-5, 105))
     axes[0, 1].set(ylabel="peak under-estimate (% of true)", ylim=(-5, 105))
     axes[1, 0].set(ylabel="detection delay (s)", xlabel="polling period (s)")

@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 
 #: Columns the command prints, with their headings and formats.
 COLUMNS = (("period_s", "period_s", "{:.0f}"), ("kind", "kind", "{}"), ("bursts", "bursts", "{:.0f}"),
-           ("missed", "missed", "{:.0f}"), ("delay_median_s", "delay_s", "{:.2f}"),
+           ("missed", "missed", "{:.0f}"), ("delay_median_s", "delay_med_s", "{:.2f}"),
            ("delay_max_s", "delay_max_s", "{:.2f}"), ("true_peak_median_mib", "peak_MiB", "{:.0f}"),
-           ("under_median_pct", "under_%", "{:.0f}"), ("under_max_pct", "under_max_%", "{:.0f}"),
+           ("under_median_pct", "under_med_%", "{:.0f}"), ("under_max_pct", "under_max_%", "{:.0f}"),
            ("commands_per_hour", "reads/h", "{:.0f}"), ("sampler_cpu_s_per_hour", "cpu_s/h", "{:.2f}"))
 
 
@@ -89,9 +89,9 @@ def _cmd_period_study(args: argparse.Namespace) -> int:
           f"{format_size(args.swap) if args.swap else 'none'}), periods "
           f"{', '.join(f'{p} s' for p in periods)}, bursts for {args.duration:g} s")
     result = asyncio.run(study.run(progress=_ProgressBar()))
-    sizes = result.plan[0].size if result.plan else 0
-    print(f"\n{len(result.plan)} bursts planned (first {sizes >> 20} MiB); ground truth "
-          f"{int(result.clock['samples'].sum())} samples, clock offset known to "
+    planned = {b.kind: (sum(c.kind == b.kind for c in result.plan), b.size) for b in result.plan}
+    print("\nbursts: " + ", ".join(f"{n} {kind} of {format_size(size)}" for kind, (n, size) in planned.items())
+          + f"; ground truth: {int(result.clock['samples'].sum())} samples, clock offset known to "
           f"±{1000 * result.clock[['error_start_s', 'error_end_s']].max().max():.0f} ms\n")
     print(format_table(result.table))
     print(f"\nrun folder: {result.run.path}")

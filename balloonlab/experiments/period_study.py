@@ -137,7 +137,9 @@ class PeriodStudyResult:
 
 @dataclass
 class PeriodStudy:
-    """The study; :meth:`run` does it (``await study.run()`` in a notebook).
+    """The study; :meth:`run` does it: ``await study.run()`` in a notebook or a coroutine, or
+    ``balloonlab.run_experiment(study)`` to block until it is done (it runs ``study.run()`` on
+    balloonlab's own loop, as for an :class:`Experiment`).
 
     :param spec: a guest to copy once per period (name ``<name>-p<period>``, the balloon's
         period replaced), e.g. ``builtin_spec("period", memory="160M", swap="128M")`` or with
