@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 from balloonlab import AgentError, Guest, builtin_spec
-from balloonlab.analysis.period_study import (detect, find_bursts, period_table, planned_bursts, truth_frame,
-                                              uptime_to_epoch)
+from balloonlab.analysis.period_study import (detect, find_bursts, missed_by_duration, period_table, planned_bursts,
+                                              truth_frame, uptime_to_epoch)
 from balloonlab.experiments.period_study import Burst, PeriodStudy, bursts_schedule, plan_bursts
 
 from .test_analysis import T0, events_frame, samples_frame
@@ -116,6 +116,15 @@ def test_the_table_aggregates_per_period_and_kind_and_costs_per_guest_hour():
     assert list(table["commands_per_hour"]) == [720.0] * 3
     assert list(table["sampler_cpu_s_per_hour"]) == pytest.approx([0.72] * 3)
     assert list(table["qemu_service_cpu_s_per_hour"]) == [36.0] * 3
+
+
+def test_misses_are_counted_by_how_long_each_burst_really_lasted():
+    seen = detect(find_bursts(synthetic_truth(), threshold_bytes=20 * MiB, plan=PLAN), synthetic_reports(),
+                  threshold_bytes=20 * MiB)
+    # lengths: the alloc 1.92 s, the reclaim 3.16 s, the flicker 0.97 s (the one missed)
+    table = missed_by_duration(seen, edges_s=(0, 2, 8))
+    assert table.to_dict("list") == {"period_s": [5, 5], "duration": ["0-2 s", "2-8 s"], "bursts": [2, 1],
+                                     "missed": [1, 0], "missed_pct": [50.0, 0.0]}
 
 
 def test_planned_bursts_come_from_the_workload_events():

@@ -268,6 +268,24 @@ def period_table(detections: pd.DataFrame, costs: pd.DataFrame | None = None) ->
     return table
 
 
+def missed_by_duration(detections: pd.DataFrame, edges_s: Sequence[float] = (0, 2, 4, 8, 16)) -> pd.DataFrame:
+    """Bursts missed per period and true burst length (the truth's ``duration_s``), tidy.
+
+    :param detections: :func:`detect`.
+    :param edges_s: bin edges in seconds; the last bin is open ("16+ s").
+    :returns: columns ``period_s``, ``duration`` (a label such as "2-4 s"), ``bursts``,
+        ``missed``, ``missed_pct``; bins without bursts are left out.
+    """
+    edges = [float(e) for e in edges_s] + [np.inf]
+    labels = [f"{a:g}-{b:g} s" if np.isfinite(b) else f"{a:g}+ s" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    binned = detections.assign(duration=pd.cut(detections["duration_s"].astype(float), edges, labels=labels))
+    out = (binned.groupby(["period_s", "duration"], observed=True)["missed"]
+           .agg(bursts="count", missed="sum").reset_index())
+    out["missed"] = out["missed"].astype(int)
+    out["missed_pct"] = 100.0 * out["missed"] / out["bursts"]
+    return out
+
+
 def plot_period_study(table: pd.DataFrame, detections: pd.DataFrame, fig: Figure | None = None) -> Figure:
     """Four panels against the polling period (log scale): bursts missed, peak
     under-estimate and detection delay (per burst, with the median per kind), host cost.

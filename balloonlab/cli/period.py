@@ -94,6 +94,10 @@ def _cmd_period_study(args: argparse.Namespace) -> int:
           + f"; ground truth: {int(result.clock['samples'].sum())} samples, clock offset known to "
           f"±{1000 * result.clock[['error_start_s', 'error_end_s']].max().max():.0f} ms\n")
     print(format_table(result.table))
+    from balloonlab.analysis.period_study import missed_by_duration
+    lengths = missed_by_duration(result.bursts).pivot(index="period_s", columns="duration", values="missed_pct")
+    print("\nbursts missed (%) by their true length:")
+    print(lengths.to_string(na_rep="-", float_format=lambda v: f"{v:.0f}"))
     print(f"\nrun folder: {result.run.path}")
     if not args.no_plot:
         print(f"figure:     {result.run.path / 'period-study.png'}")

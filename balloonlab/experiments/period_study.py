@@ -18,11 +18,24 @@ long as the guest takes to touch the memory if that is longer: under TCG with fi
 two cores, 48 MiB took 1-1.5 s and 128 MiB with reclaim 4-8 s here. The truth, not the
 schedule, says when each burst really started and ended.
 
+Time: each guest stamps its samples with its own /proc/uptime; the host maps that to its
+clock by the tightest of five ``uptime`` round trips to the agent just after the truth starts
+and just before it stops (exact to half the round trip plus the uptime's 10 ms resolution:
+5-11 ms here, under TCG on a loaded host), the offset taken as drifting linearly in between
+(it moved by less than that bound over three minutes here).
+
 Report phases: with ``align_phases`` every guest's stats timer is restarted at one instant
 (period 0, then the period: QEMU reports at once and re-arms from there), so the guests'
 report grids are nested (each 30 s report is also a 10 s, 5 s, 2 s and 1 s one) and differ
 in period only; the bursts' start times carry a seeded random jitter, so they land at every
 phase of the grids.
+
+Cost: the QMP commands the sampler sent each guest are counted (measured); the CPU of one
+stats read is measured after the run over 300 back-to-back reads, in this process and in
+QEMU's non-vCPU threads (QEMU's idle rate taken off); CPU per guest-hour is the product of
+the two (derived). QEMU's non-vCPU CPU over the whole run is kept too (measured, idle work
+included). The guest's side of a report (its driver filling in the stats) runs on its vCPU,
+where under TCG it cannot be told from the rest of the guest's work: it is not counted.
 """
 
 from __future__ import annotations
@@ -96,6 +109,10 @@ def plan_bursts(duration_s: float, *, alloc_bytes: int, reclaim_bytes: int, hold
     """
     if not kinds or set(kinds) - set(RAMP_S):
         raise ValueError(f"kinds must be some of {sorted(RAMP_S)}, got {list(kinds)!r}")
+    if not holds_s:
+        raise ValueError("holds_s must name at least one hold time")
+    for hold in holds_s:
+        require_positive_s(hold, "a hold time")
     rng = random.Random(seed)
     sizes = {"alloc": alloc_bytes, "reclaim": reclaim_bytes}
     plan, at, i = [], lead_s, 0
@@ -148,10 +165,16 @@ class PeriodStudy:
     :param duration_s: how long the workload runs and everything is sampled.
     :param alloc_bytes: size of an alloc burst (None: 45 % of the guests' MemAvailable).
     :param reclaim_bytes: size of a reclaim burst (None: MemAvailable + 32 MiB).
+    :param holds_s: the hold times :func:`plan_bursts` cycles through.
+    :param kinds: the burst kinds it alternates ("alloc", "reclaim").
     :param plan: explicit bursts instead of :func:`plan_bursts` over ``holds_s`` and ``kinds``.
+    :param seed: seed of the random gaps between bursts (the same seed, the same plan).
     :param align_phases: restart every guest's stats timer at one instant (module docstring).
     :param threshold_bytes: the drop that makes a burst (None: half the smaller burst size).
     :param truth_interval_s: the guest's own sampling interval.
+    :param run_root: where the run folder is made; ``name`` ends its name.
+    :param plot: save the run's plot and the study's figure in the run folder.
+    :param extra: more metadata for run.json.
     """
 
     spec: DomainSpec | Callable[[str, int], DomainSpec]
