@@ -17,6 +17,7 @@ target checks, BALLOON_CHANGE tracking, ``wait_for_actual``, ``wait_for_stats``)
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from balloonlab.domain import DomainSpec
 from balloonlab.libvirt.link import DomainLink
@@ -101,7 +102,8 @@ class LibvirtBalloon(BalloonBase):
                 self.actual = record.actual
             return dataclasses.replace(record, actual=record.actual if query_actual else self.actual,
                                        resets=resets, reset_time=reset_time)
-        record, self.last_rss = stats_from_libvirt(await self.link.memory_stats(), resets=resets,
+        sent = time.time()  # as for QMP: when the request left (see qemu/balloon.py)
+        record, self.last_rss = stats_from_libvirt(await self.link.memory_stats(), read_time=sent, resets=resets,
                                                    reset_time=reset_time)
         if record.actual is not None:
             self.actual = record.actual

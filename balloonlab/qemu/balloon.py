@@ -10,6 +10,8 @@ once per connection (:mod:`balloonlab.qemu.discovery`) and follows ``BALLOON_CHA
 
 from __future__ import annotations
 
+import time
+
 from typing import TYPE_CHECKING
 
 from balloonlab.model.balloon import BalloonBase, Method
@@ -59,10 +61,14 @@ class Balloon(BalloonBase):
     async def read_report(self, *, query_actual: bool = True) -> BalloonStats:
         """``qom-get guest-stats`` (+ ``query-balloon``): the guest's last report, unclassified."""
         resets, reset_time = self.resets, self.last_reset_time
-        reply = await self.monitor.execute("qom-get", {"path": await self.path(),
-                                                       "property": "guest-stats"})
+        path = await self.path()
+        # The read's time is when the request left, not when the reply came: the report was
+        # made before it, and under TCG QEMU may answer tens of ms late (its main loop waits for
+        # the lock the vCPU holds), which would skew rates computed over read times.
+        sent = time.time()
+        reply = await self.monitor.execute("qom-get", {"path": path, "property": "guest-stats"})
         actual = await self.query_actual() if query_actual else self.actual
-        return parse_guest_stats(reply, actual=actual, resets=resets, reset_time=reset_time)
+        return parse_guest_stats(reply, actual=actual, read_time=sent, resets=resets, reset_time=reset_time)
 
     async def status(self) -> str:
         """``query-status``: QEMU's run state."""

@@ -18,6 +18,13 @@ learnt) is retried a margin later; such a miss-then-hit pins the report down to 
 and pins at least :attr:`ReportClock.MIN_PIN_SPAN` reports apart are what the latency is
 learnt from. tests/test_report_clock.py plays this against a model of QEMU's timer: no
 report lost, about 1-2 % of reads find nothing.
+
+After a read that found a new report, :attr:`ReportClock.report_time` is the clock's best
+estimate of when that report came, which a read that came late (a busy event loop, a stalled
+host, a probe in the middle of a wide interval) would otherwise blur: the middle of
+``(previous read, this read]`` after a read that found nothing, else the time the report was
+expected when the read came after it. Samples are stamped with it, so rates over them follow
+the guest, not the reader's timing.
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ class ReportClock:
         #: the moment to ask whether the period changed behind the reader's back.
         self.became_overdue = False
         self._stall_reported = False
+        #: After a read that found a new report: when that report most likely came (same clock
+        #: as ``now``); None before the first.
+        self.report_time: float | None = None
 
     def next_delay(self, now: float, period: int, new: bool) -> float:
         """Seconds to sleep after a read at ``now`` (monotonic) that was ``new`` or not."""
@@ -71,14 +81,22 @@ class ReportClock:
         margin = max(self.MARGIN_S, period * 0.015)
         if new:
             self.misses, self._stall_reported = 0, False
+            expected = self.hi
             # The report came after the previous read (which saw an older one, or nothing)
             # and by now; within the last period, as reports come one a period.
             lo = max(x for x in (self.lo, prev, now - period) if x is not None)
             hi = now if self.hi is None else min(self.hi, now)
             likely = lo if self.likely_lo is None else max(lo, self.likely_lo)
+            if not prev_new and prev is not None:
+                self.report_time = (lo + now) / 2  # between the read that found nothing and this one
+            elif expected is not None and lo < expected < now:
+                self.report_time = expected  # this read came after the report was due
+            else:
+                self.report_time = now
             if hi <= lo:  # the prediction was wrong (a pause, a jump): trust this read only
                 lo, hi = (prev if prev is not None else now - period), now
                 likely = lo
+                self.report_time = now
             if not prev_new and prev is not None and now - prev <= 2 * margin:
                 self._learn((prev + now) / 2, period)  # a miss, then this hit: pinned down
             elif self._pin is not None:

@@ -304,20 +304,23 @@ class Sampler:
             classifier = StatsClassifier()  # this sampler's own view: other readers take nothing
             since_check = 0
             while True:
+                sent = time.monotonic()  # as the request leaves, like the record's read_time
                 record = await balloon.read_stats(query_actual=self._actual_needed(balloon, state),
                                                   classifier=classifier)
                 state.polls += 1
                 if balloon.period_s is not None:
                     period = balloon.period_s  # set through balloonlab (already an event)
                 since_check += record.new
-                delay = clock.next_delay(time.monotonic(), period, record.new)
+                delay = clock.next_delay(sent, period, record.new)
                 if since_check >= self.period_check_every or clock.became_overdue:
                     since_check = 0
                     period = await self._check_period(guest, period)
                 if record.new:
-                    self._append(guest, record, period)
+                    # Stamped when the report most likely came, not when a late read found it.
+                    report_time = clock.report_time if clock.report_time is not None else sent
+                    self._append(guest, record, period, at=record.read_time - (sent - report_time))
                     state.samples += 1
-                await asyncio.sleep(delay)
+                await asyncio.sleep(max(0.0, delay - (time.monotonic() - sent)))
         except asyncio.CancelledError:
             raise
         except BalloonNotFound as exc:
@@ -345,14 +348,16 @@ class Sampler:
             self.record_event(guest.name, "period", live, f"changed outside balloonlab (was {period} s)")
         return live
 
-    def _append(self, guest: GuestProtocol, record: BalloonStats, period: int) -> None:
+    def _append(self, guest: GuestProtocol, record: BalloonStats, period: int, at: float) -> None:
+        """One row at host time ``at`` (the report's estimated time: ``record.read_time`` or a
+        little before it; ``age_s`` stays the age at the read)."""
         if record.reset:
-            self.record_event(guest.name, "reset", None, "guest reset detected", at=record.read_time)
+            self.record_event(guest.name, "reset", None, "guest reset detected", at=at)
         row: dict[str, object] = dict(record.stats)
         row.update(guest=guest.name, last_update=record.last_update, actual=record.actual if record.actual is not None
                    else guest.balloon.actual, target=guest.balloon.target, period_s=period,
                    rss=guest.rss_bytes(), age_s=record.age_s, reset=record.reset)
-        self._samples.append(int(record.read_time * 1e9), row)
+        self._samples.append(int(at * 1e9), row)
 
     def _mark_dead(self, guest: GuestProtocol, state: SamplingState, kind: str, why: str, *,
                    failed: bool = False) -> None:
