@@ -95,7 +95,7 @@ def test_committed_notebooks_are_stripped_of_outputs():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "strip-notebook-outputs"), "--check"],
                             check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"run scripts/strip-notebook-outputs:\n{result.stdout}"
-    assert len(list(NOTEBOOKS.glob("*.ipynb"))) == 7
+    assert len(list(NOTEBOOKS.glob("*.ipynb"))) == 8
 
 
 def test_quickstart_records_samples_plots_and_saves_the_run(kernel_env, tmp_path):
@@ -206,3 +206,15 @@ def test_stats_period_notebook_measures_every_period_against_the_guests_truth(ke
     runs = list((workdir / "runs").glob("*-stats-period"))
     assert len(runs) == 1 and (runs[0] / "table.csv").exists() and (runs[0] / "truth.parquet").exists()
     assert "'period-study.png'" in text
+
+
+def test_memory_pressure_notebook_reaches_none_global_and_critical_on_a_real_guest(kernel_env, tmp_path):
+    nb, _ = run_notebook("08-memory-pressure.ipynb", tmp_path)
+    text = outputs(nb)
+    assert re.search(r"QEMU (9\.[2-9]|\d\d+)\.", text)  # a QEMU that sends the six counters
+    assert "nb08: MemTotal" in text and "6 of 6 reclaim counters reported" in text
+    assert re.search(r"^idle: none$", text, re.M)
+    assert re.search(r"^pressure: global$", text, re.M)
+    assert number(r"(?m)^oom: critical \((\d+) OOM kills", text) >= 1
+    assert number(r"the agent lost (\d+) MiB of 460 MiB", text) >= 32  # at least one 32 MiB holder
+    assert outputs(nb, "image/png").count("iVBOR") >= 1  # the pressure plot

@@ -4,12 +4,15 @@
 starts; ``runner`` launches or takes guests, samples them into a run folder, plays the
 schedules and returns the :class:`~balloonlab.record.store.Run`; ``period_study`` runs one
 guest per stats period under the same bursts and holds their reports against each guest's
-own ground truth. Mechanism comparisons and policies (live and replayed on recorded runs)
-are added here as sibling modules.
+own ground truth; ``pressure_drive`` plays idle, pressure and OOM phases on one guest, aligned
+to the memory-pressure classifier's windows. Mechanism comparisons and policies (live and
+replayed on recorded runs) are added here as sibling modules.
 """
 
 from balloonlab.experiments.period_study import Burst, PeriodStudy, PeriodStudyResult, plan_bursts
+from balloonlab.experiments.pressure_drive import DEFAULT_PHASES, Phase, PressureRun, drive_pressure
 from balloonlab.experiments.runner import Experiment
 from balloonlab.experiments.schedule import Schedule
 
-__all__ = ["Burst", "Experiment", "PeriodStudy", "PeriodStudyResult", "Schedule", "plan_bursts"]
+__all__ = ["DEFAULT_PHASES", "Burst", "Experiment", "PeriodStudy", "PeriodStudyResult", "Phase", "PressureRun",
+           "Schedule", "drive_pressure", "plan_bursts"]
