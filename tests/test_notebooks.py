@@ -209,7 +209,7 @@ def test_stats_period_notebook_measures_every_period_against_the_guests_truth(ke
 
 
 def test_memory_pressure_notebook_reaches_none_global_and_critical_on_a_real_guest(kernel_env, tmp_path):
-    nb, _ = run_notebook("08-memory-pressure.ipynb", tmp_path)
+    nb, _ = run_notebook("09-memory-pressure.ipynb", tmp_path)
     text = outputs(nb)
     assert re.search(r"QEMU (9\.[2-9]|\d\d+)\.", text)  # a QEMU that sends the six counters
     assert "nb08: MemTotal" in text and "6 of 6 reclaim counters reported" in text

@@ -164,7 +164,11 @@ def classify_pressure(samples: pd.DataFrame, window: Window | None = None,
       reads this as stalls due to a cgroup rather than global pressure. Note: in Linux 6.12's
       mm/vmscan.c, reclaim on behalf of a cgroup limit (``cgroup_reclaim()``) counts neither
       ``allocstall`` nor the global ``pgscan``/``pgsteal`` events, so what this row sees is
-      global direct reclaim that found little to scan on the global LRU lists.
+      global direct reclaim that found little to scan on the global LRU lists. Seen on real
+      guests (tests/test_pressure_guests.py's set-up, README): a balloon inflated past what the
+      guest can give, swap full, reads as this row (about 10 stalls/s, no scanning: the driver
+      retries a failed page allocation every 200 ms); read it beside ``actual`` short of
+      ``target``.
     - ``struggling`` (STALL[n] ASCAN[h] ARCLM[l]): stalls not high, kswapd scanning high,
       ARCLM/ASCAN below ``struggling_ratio``: kswapd tries to reclaim but can't; the next
       demand for memory will stall.
