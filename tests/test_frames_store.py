@@ -39,6 +39,19 @@ def test_a_new_stat_name_becomes_a_column_missing_in_earlier_rows():
     assert df["unknown_stat"].isna().tolist() == [True, True, False] and df["unknown_stat"].iloc[-1] == 4
 
 
+
+def test_rows_appended_out_of_time_order_come_out_in_time_order_like_a_saved_run():
+    # Two guests: b's sample is stamped with its report's time, a little before a's row that
+    # was appended first (the sampler stamps rows with ReportClock.report_time).
+    buf = sample_buffer()
+    buf.append(1_000_000_300, {"guest": "a", "free_memory": 1})
+    buf.append(1_000_000_200, {"guest": "b", "free_memory": 2})
+    buf.append(1_000_000_200, {"guest": "a", "free_memory": 3})  # equal times keep append order
+    buf.append(1_000_000_400, {"guest": "b", "free_memory": 4})
+    df = buf.frame()
+    assert df.index.is_monotonic_increasing
+    assert df["free_memory"].tolist() == [2, 3, 1, 4] and df["guest"].tolist() == ["b", "a", "a", "b"]
+
 def test_values_beyond_int64_become_missing_not_a_crash():
     buf = sample_buffer()
     buf.append(1, {"guest": "g", "free_memory": 2**64 - 2})
@@ -204,7 +217,8 @@ def test_snapshot_since_and_categories_present_select_by_time_not_position(monke
     snap = buf.snapshot()
     assert snap.max_time_ns() == 9 * 10**9 and buf.snapshot(3, 3).max_time_ns() is None
     later = snap.since(6 * 10**9)
-    assert later.frame()["free_memory"].tolist() == [2, 4, 6, 7, 9] and len(later) == 5
+    # Rows at times 9, 8, 7, 7, 6 (appended in that order): the frame is in time order.
+    assert later.frame()["free_memory"].tolist() == [9, 6, 7, 4, 2] and len(later) == 5
     assert snap.categories_present("guest") == ["early", "late"]
     assert later.categories_present("guest") == ["early", "late"] and snap.since(7 * 10**9).categories_present(
         "guest") == ["late"]

@@ -66,12 +66,16 @@ class BufferSnapshot:
         return [category for category in sorted(table) if seen[table[category]]]
 
     def frame(self) -> pd.DataFrame:
-        """These rows as a DataFrame with the schema's dtypes (built on the calling thread;
-        each column is copied once out of the packed rows)."""
+        """These rows as a DataFrame with the schema's dtypes, in time order (built on the
+        calling thread; each column is copied once out of the packed rows, twice when rows
+        came out of time order: a sample is stamped with its report's time, which may be a
+        little before a row another guest appended just before it)."""
         arrays = self._gather()
         index = pd.DatetimeIndex(arrays.pop("time").view("datetime64[ns]"), name="time", copy=False).tz_localize("UTC")
         data = {name: self._series(name, kind, arrays.get(name)) for name, kind in self._kinds.items()}
         frame = pd.DataFrame(data, index=index, copy=False)
+        if not index.is_monotonic_increasing:
+            frame = frame.iloc[np.argsort(index.asi8, kind="stable")]
         frame.attrs.update(self.attrs)
         return frame
 
