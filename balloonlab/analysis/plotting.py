@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TypedDict
 
 import matplotlib.dates as mdates
@@ -200,6 +201,18 @@ def _fill(fig: Figure, ax: Axes, lines: dict[str, Line2D], s: pd.DataFrame,
     return artists
 
 
+def utc_time_axis(axes: Sequence[Axes] | np.ndarray, empty: str | None = None) -> None:
+    """The shared time axis of stacked per-guest axes: concise UTC dates on the bottom one;
+    ``empty`` written in the top one when there is nothing to draw."""
+    if empty is not None:
+        axes[0].text(0.5, 0.5, empty, ha="center", va="center", transform=axes[0].transAxes)
+    locator = mdates.AutoDateLocator(tz=_dt.UTC)  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
+    axes[-1].xaxis.set_major_locator(locator)
+    formatter = mdates.ConciseDateFormatter(locator, tz=_dt.UTC)  # type: ignore[no-untyped-call]  # as above
+    axes[-1].xaxis.set_major_formatter(formatter)
+    axes[-1].set_xlabel("time (UTC)")
+
+
 def plot_memory(samples: pd.DataFrame, events: pd.DataFrame | None = None, *,
                 guests: list[str] | None = None, window: pd.Timedelta | float | None = None,
                 fig: Figure | None = None) -> Figure:
@@ -243,13 +256,7 @@ def plot_memory(samples: pd.DataFrame, events: pd.DataFrame | None = None, *,
         ax.set_title(guest, loc="left", fontsize=10, fontweight="bold")
         ax.set_ylabel("MiB")
         ax.grid(True, lw=0.4, alpha=0.5)
-    if not guests:
-        axes[0].text(0.5, 0.5, "no samples", ha="center", va="center", transform=axes[0].transAxes)
-    locator = mdates.AutoDateLocator(tz=_dt.UTC)  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
-    axes[-1].xaxis.set_major_locator(locator)
-    formatter = mdates.ConciseDateFormatter(locator, tz=_dt.UTC)  # type: ignore[no-untyped-call]  # as above
-    axes[-1].xaxis.set_major_formatter(formatter)
-    axes[-1].set_xlabel("time (UTC)")
+    utc_time_axis(axes, None if guests else "no samples")
     if guests:
         marks = [Line2D([], [], label=f"{k} event", **_event_style(k)) for k in EVENT_COLORS]
         handles = list(kept.lines[guests[0]].values())[:len(LINES)] + marks

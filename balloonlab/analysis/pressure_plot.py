@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from balloonlab.analysis.measures import guest_names
+from balloonlab.analysis.plotting import utc_time_axis
 from balloonlab.analysis.pressure import REGIMES
 
 MiB = 1 << 20
@@ -126,13 +127,7 @@ def plot_pressure(pressure: pd.DataFrame, *, guests: list[str] | None = None, ys
         ax.set_ylabel("MiB/s")
         ax.xaxis_date(_dt.UTC)
         ax.grid(True, lw=0.4, alpha=0.5)
-    if not guests:
-        axes[0].text(0.5, 0.5, "no pressure windows", ha="center", va="center", transform=axes[0].transAxes)
-    locator = mdates.AutoDateLocator(tz=_dt.UTC)  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
-    axes[-1].xaxis.set_major_locator(locator)
-    formatter = mdates.ConciseDateFormatter(locator, tz=_dt.UTC)  # type: ignore[no-untyped-call]  # as above
-    axes[-1].xaxis.set_major_formatter(formatter)
-    axes[-1].set_xlabel("time (UTC)")
+    utc_time_axis(axes, None if guests else "no pressure windows")
     if guests:
         handles += [Patch(facecolor=REGIME_COLORS[r], alpha=BAND_ALPHA if r != "none" else 1.0,
                           edgecolor="#999999", label=r) for r in REGIMES if r in seen]
