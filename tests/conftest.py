@@ -282,6 +282,7 @@ def pytest_sessionfinish(session, exitstatus):
 XDIST_GROUPS = {"libvirtd": "libvirt", "libvirt_domains": "libvirt", "libvirt11": "libvirt"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into node ids
 def pytest_collection_modifyitems(config, items):
     """Put every test that uses one of :data:`XDIST_GROUPS`' fixtures in that group."""
     for item in items:

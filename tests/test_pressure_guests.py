@@ -103,8 +103,8 @@ def test_allocating_beyond_ram_and_swap_kills_a_holder_and_reads_critical(drive)
     # The agent no longer lists the holders the OOM killer took (its chunks are 32 MiB).
     assert phase["expected_held"] - phase["held"] >= 32 * MiB, phase
     assert phase["error"]  # the allocation said so
-    kills = drive.events[drive.events["kind"] == "step_failed"]
-    assert len(kills) == 1 and kills["detail"].iloc[0].startswith("alloc 160M:")
+    failed = drive.events[drive.events["kind"] == "step_failed"]
+    assert list(failed["detail"].str.split(":").str[0]) == ["alloc 160M"]  # the balloon reached 256M before
     regimes = drive.regimes()
     assert regimes.loc["oom", "worst"] == "critical"
     assert list(regimes["worst"].astype(str)) == ["none", "global", "critical"]

@@ -102,7 +102,7 @@ class PressureRun:
 
 async def drive_pressure(guest: Any, phases: Sequence[Phase] = DEFAULT_PHASES, *, window_s: float = 10.0,
                          settle_s: float = 2.0, run_dir: str | Path | None = None,
-                         first_report_timeout_s: float = 30.0) -> PressureRun:
+                         first_report_timeout_s: float = 30.0, settle_timeout_s: float = 60.0) -> PressureRun:
     """Sample ``guest`` while it plays ``phases``, each starting on a window boundary.
 
     The memory held and the balloon's target are left as the last phase left them.
@@ -111,7 +111,9 @@ async def drive_pressure(guest: Any, phases: Sequence[Phase] = DEFAULT_PHASES, *
         this runs on balloonlab's loop: ``balloonlab.blocking.loop.run(drive_pressure(g))``).
     :param phases: what to do (default :data:`DEFAULT_PHASES`).
     :param window_s: the classifier window the phases are aligned to (seconds, >= 1).
-    :param settle_s: seconds after a phase's last step before the phase may end.
+    :param settle_s: seconds after a phase's last step before the phase may end; also how long
+        the balloon must stand still after a ``target`` step to count as stopped.
+    :param settle_timeout_s: the longest a ``target`` step waits for the balloon to stop.
     :param run_dir: also stream the recording to this run folder.
     :param first_report_timeout_s: how long to wait for the guest's first stats report.
     :raises ValueError: for no phases, a bad window or an unknown step.
@@ -142,7 +144,13 @@ async def drive_pressure(guest: Any, phases: Sequence[Phase] = DEFAULT_PHASES, *
             expected, error = workload.held, ""
             for verb, size in phase.steps:
                 if verb == "target":
+                    # The reclaim an inflation causes comes while the balloon moves, which takes
+                    # seconds under TCG on a loaded host: the phase lasts until it stopped.
                     await g.balloon.set_target(size)
+                    settled = await g.balloon.wait_for_actual(timeout_s=settle_timeout_s, settle_s=settle_s)
+                    if not settled.reached:
+                        sampler.record_event(g.name, "step_failed", settled.final_actual,
+                                             f"target {size}: balloon stopped at {settled.final_actual} bytes")
                     continue
                 expected = parse_size(size) + (expected if verb == "alloc" else 0)
                 try:
