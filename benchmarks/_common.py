@@ -79,7 +79,7 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[str],
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w)
-                         for v, w, num in zip(values, widths, numeric)).rstrip()
+                         for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
 
     out = file or sys.stdout
     print(line(list(columns)), file=out)
@@ -133,7 +133,7 @@ def environment(qemu_binary: str = "qemu-system-x86_64") -> dict[str, Any]:
     except Exception:  # not installed: still report the rest
         balloonlab_version = None
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "hostname": platform.node(),
         "kernel": platform.release(),
         "cpu_model": _cpu_model(),
@@ -204,3 +204,62 @@ def missed_reports(last_updates: Sequence[float], period_s: float, tolerance: fl
         if gap > tolerance * period_s:
             missed += max(1, round(gap / period_s) - 1)
     return missed
+
+
+def process_start_time(pid: int) -> float:
+    """When process ``pid`` started (its fork), as host wall-clock epoch seconds.
+
+    From ``starttime`` in ``/proc/<pid>/stat`` (clock ticks since boot, so 10 ms resolution at
+    the usual 100 Hz), placed on the wall clock through CLOCK_BOOTTIME. A process that
+    ``exec``\\ s (QEMU behind a shell wrapper) keeps its pid and this time.
+
+    :raises OSError: no such process.
+    """
+    text = Path(f"/proc/{pid}/stat").read_text()
+    ticks = int(text[text.rindex(")") + 2:].split()[19])
+    booted_at = time_module.time() - time_module.clock_gettime(time_module.CLOCK_BOOTTIME)
+    return booted_at + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str],
+                   formats: Mapping[str, str] | None = None, align: Mapping[str, str] | None = None) -> str:
+    """``rows`` as a GitHub Markdown table of ``columns`` (keys of each row), padded to line up.
+
+    Cells are formatted as :func:`print_table` does (None: ``-``; floats by ``formats``); a
+    ``|`` inside a cell is escaped. Numeric columns are right-aligned, others left-aligned;
+    ``align[column]`` (``"left"`` or ``"right"``) overrides that.
+    """
+    formats, align = formats or {}, align or {}
+    cells = [[_cell(row.get(col), formats.get(col)).replace("|", "\\|") for col in columns] for row in rows]
+    right = [align.get(col) == "right" if col in align else
+             all(isinstance(row.get(col), (int, float)) or row.get(col) is None for row in rows)
+             for col in columns]
+    widths = [max([len(col), 3] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = (v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True))
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1))
+                          for w, r in zip(widths, right, strict=True)) + "|"
+    return "\n".join([line(list(columns)), rule] + [line(r) for r in cells])
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system, ns resolution) of each live thread of ``pid``, summed by thread name.
+
+    From ``/proc/<pid>/task/<tid>/schedstat`` (time on CPU) and ``comm``: QEMU started with
+    ``-name ...,debug-threads=on`` names its threads (``CPU 0/TCG``, ``IO mon_iothread``...);
+    its main thread carries the process's name. Threads that exited are not counted.
+
+    :raises OSError: no such process.
+    """
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            ns = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except (OSError, ValueError, IndexError):
+            continue  # the thread exited meanwhile
+        out[name] = out.get(name, 0.0) + ns / 1e9
+    return out
