@@ -16,11 +16,12 @@ demo: guest
 	$(BIN)/balloonlab demo
 
 # Two workers: the tests mostly wait on guests (TCG boots, stats periods, 30 s windows), so two
-# halve the wall time on 2 cores; tests sharing a libvirtd run on one worker (tests/conftest.py).
+# halve the wall time on 2 cores; the tests sharing a libvirtd run on one worker, one after
+# another (tests/conftest.py's scheduler).
 PYTEST_WORKERS ?= 2
 
 test: guest stacks corpus lint
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc
+	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check balloonlab
