@@ -35,6 +35,7 @@ from balloonlab.model.protocols import Origin
 from balloonlab.qemu import registry as runtime
 from balloonlab.qemu.argv import build_argv, check_launch_inputs, qemu_binary_for, resolve_accel
 from balloonlab.qemu.balloon import Balloon
+from balloonlab.qemu.virtio_mem import VirtioMem
 from balloonlab.qemu.monitor import Monitor
 from balloonlab.qemu.reaper import KILL_WAIT_S, Reaper, kill_and_reap
 
@@ -64,6 +65,7 @@ class Guest(GuestBase):
         self.record = record
         self.balloon = Balloon(monitor, spec.memballoon if spec else None,
                                max_bytes=spec.memory_bytes if spec else None)
+        self.virtio_mem = VirtioMem(monitor)  # its virtio-mem devices, if any
         self._process = process
         self._reaper = reaper
         self._closed = False
