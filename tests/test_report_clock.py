@@ -102,12 +102,14 @@ def test_a_report_a_quarter_period_late_is_flagged_once():
     assert result.lost == 0 and result.overdue == 1
 
 
-def test_a_paused_guest_is_read_about_once_a_period_not_in_a_busy_loop():
-    period = 1
+@pytest.mark.parametrize("period", [1, 4])
+def test_a_paused_guest_is_read_a_few_times_a_period_and_promptly_after_it(period):
     times = qemu_reports(period, 30, 0.002, 0.001, seed=5)
-    times[15:] = [t + 30 for t in times[15:]]  # paused for 30 s, then reporting again
+    times[15:] = [t + 30 * period for t in times[15:]]  # paused for 30 periods, then reporting again
     result = play(times, period)
-    assert result.lost == 0 and result.reads <= result.reports + 30 + 15
+    assert result.lost == 0 and result.reads <= result.reports + 4 * 30 + 15  # no busy loop
+    first_after = next(i for i, t in enumerate(result.read_times) if t > times[15])
+    assert result.staleness[first_after] <= period / 4 + 0.01  # the first report after it is fresh
 
 
 

@@ -119,7 +119,11 @@ class ReportClock:
                 if self.hi is not None and overdue_by >= max(period / 4, 3 * step) and not self._stall_reported:
                     self.became_overdue = self._stall_reported = True
                 self.lo = self.likely_lo = now
-                return min(float(period), margin * (1 << max(0, min(self.misses - 2, 10))))
+                # Backing off to a quarter period at most: a guest paused or stalled for long
+                # is then read within a quarter period of its first report after it (a fresh
+                # row, age_s under a period and a quarter) for about 4 cheap reads a period.
+                cap = max(margin, period / 4)
+                return min(cap, margin * (1 << max(0, min(self.misses - 2, 10))))
         assert self.lo is not None and self.hi is not None
         # Probe (read in the middle) when the likely interval is wide, or the sure one is
         # (the latency learnt too high would otherwise let the reads lag ever later).
