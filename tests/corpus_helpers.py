@@ -55,11 +55,19 @@ def comparable_balloon(spec: DomainSpec, argv: list[str]) -> dict[str, object] |
 
 
 def memory_kib(value: str) -> int:
-    """The initial memory of a ``-m`` value in KiB: ``size=219136k,slots=..`` or libvirt 9's ``214`` (MiB).
-
-    Only the size counts: balloonlab writes no ``slots``/``maxmem`` (see ``memory_option``).
-    """
+    """The initial memory of a ``-m`` value in KiB: ``size=219136k,slots=..`` or libvirt 9's ``214`` (MiB)."""
     match = _SIZE.fullmatch(value.split(",")[0])
     if match is None:
         raise ValueError(f"-m {value!r} has no size")
     return int(match.group(1)) * _KIB_PER[(match.group(2) or "M").upper()]
+
+
+def normalized_memory_option(value: str) -> str:
+    """A libvirt ``-m`` value as libvirt >= 9 writes it: ``size=<KiB>k`` with the rest as is.
+
+    libvirt 9 still writes a plain ``-m 214`` (MiB) when there is no ``<maxMemory>``; with it
+    (and always in 11) it writes ``size=219136k,slots=16,maxmem=1099511627776k``, which is
+    what :func:`balloonlab.qemu.argv.memory_option` writes.
+    """
+    rest = value.split(",", 1)[1:]
+    return ",".join([f"size={memory_kib(value)}k", *rest])

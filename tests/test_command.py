@@ -76,7 +76,8 @@ def test_balloon_device_matches_libvirt(corpus: Path, stem: str) -> None:
 def test_argv_agrees_with_libvirt(corpus: Path, stem: str) -> None:
     spec, theirs = _pair(corpus, stem)
     ours = _tcg_argv(spec, accel="kvm" if spec.domain_type == "kvm" else "tcg")
-    assert _option(ours, "-m") == memory_option(spec) == _option(theirs, "-m").split(",")[0]
+    # the whole -m: size, and slots/maxmem where the XML has <maxMemory> (virtio-options.xml)
+    assert _option(ours, "-m") == memory_option(spec) == _option(theirs, "-m")
     assert _option(ours, "-name") == _option(theirs, "-name")
     assert _option(ours, "-smp") == _option(theirs, "-smp").split(",")[0]
     assert os.path.basename(qemu_binary_for(spec)) == os.path.basename(next(a for a in theirs if "/qemu-system-" in a))
@@ -87,7 +88,8 @@ def test_memory_alignment(corpus: Path) -> None:
     spec = load_domain_xml(corpus / "hostdev-pci-address.xml")  # 219100 KiB
     assert memory_option(spec) == "size=219136k"
     assert memory_option(with_changes(spec, arch="ppc64")) == f"size={256 * 1024}k"
-    assert "maxmem" not in memory_option(load_domain_xml(corpus / "virtio-options.xml"))
+    # <maxMemory> 1 PiB, no slots: libvirt writes maxmem (aligned like size), and no slots=
+    assert memory_option(load_domain_xml(corpus / "virtio-options.xml")) == "size=2316288k,maxmem=1099511627776k"
 
 
 def test_period_never_on_command_line(corpus: Path) -> None:

@@ -9,8 +9,8 @@ from typing import NamedTuple
 import pytest
 
 from balloonlab.domain import (BALLOONLAB_NS, AddressSpec, DiskSpec, DomainSpec, MemballoonSpec,
-                               SerialSpec, builtin_domain, load_domain_xml, parse_domain_xml,
-                               render_domain_xml, with_changes)
+                               MemoryDeviceSpec, NumaCellSpec, SerialSpec, builtin_domain, load_domain_xml,
+                               parse_domain_xml, render_domain_xml, with_changes)
 from balloonlab.model.errors import DomainXMLError
 from balloonlab.model.units import UNITS
 
@@ -187,10 +187,13 @@ def test_unit_cases_cover_every_libvirt_unit() -> None:
 
 @pytest.mark.parametrize(("unit", "value", "expected"), UNIT_CASES)
 def test_memory_units(unit: str, value: int, expected: int) -> None:
+    # <maxMemory> (memory hotplug) needs a NUMA cell in libvirt: the cell's memory is in the same unit
     text = f"<domain type='qemu'><name>g</name><memory unit='{unit}'>{value}</memory>" \
-           f"<currentMemory unit='{unit}'>{value}</currentMemory><maxMemory unit='{unit}'>{value}</maxMemory></domain>"
+           f"<currentMemory unit='{unit}'>{value}</currentMemory><maxMemory unit='{unit}'>{value}</maxMemory>" \
+           f"<cpu><numa><cell id='0' cpus='0' memory='{value}' unit='{unit}'/></numa></cpu></domain>"
     spec = parse_domain_xml(text)
     assert spec.memory_bytes == spec.current_memory_bytes == spec.max_memory_bytes == expected
+    assert spec.numa_cells == (NumaCellSpec(0, (0,), expected),) and spec.initial_memory_bytes == expected
 
 
 def test_memory_default_unit_is_kib() -> None:
@@ -340,16 +343,42 @@ def _custom_spec() -> DomainSpec:
                       disks=(DiskSpec("/img/a.qcow2", "qcow2", "disk", "virtio", "vda"),
                              DiskSpec("/dev/sr0", "raw", "cdrom", "sata", "sda", True)),
                       serials=(SerialSpec("file", 0, "/tmp/console.log"), SerialSpec("unix", 1, "/tmp/a.sock")),
-                      memballoon=balloon, agent=True)
+                      memballoon=balloon, agent=True,
+                      # <maxMemory> on x86_64 needs a NUMA cell: libvirt refuses it without one
+                      # ("At least one numa node has to be configured when enabling memory hotplug")
+                      numa_cells=(NumaCellSpec(0, (0, 1), 2**30),))
+
+
+_MIB = 2**20
+_DEVICES = (
+    MemoryDeviceSpec("virtio-mem", 256 * _MIB, node=0, block_bytes=2 * _MIB, requested_bytes=128 * _MIB,
+                     alias="virtiomem0", address=AddressSpec("pci", 0, 0, 5, 0),
+                     driver_options=(("iommu", True),), source_nodemask=(0,), source_pagesize_bytes=2 * _MIB),
+    MemoryDeviceSpec("dimm", 128 * _MIB, node=1, address=AddressSpec("dimm", slot=1, base=0x140000000),
+                     access="shared", discard=True),
+    MemoryDeviceSpec("nvdimm", 512 * _MIB, node=0, label_bytes=128 * 1024, readonly=True,
+                     source_path="/tmp/nvdimm0"),
+)
+
+
+def _devices_spec() -> DomainSpec:
+    """_custom_spec with two NUMA cells and one memory device of each launchable kind and nvdimm."""
+    cells = (NumaCellSpec(0, (0,), 2**29), NumaCellSpec(1, (1,), 2**29))
+    total = 2**30 + sum(d.size_bytes for d in _DEVICES)
+    return dataclasses.replace(_custom_spec(), memory_bytes=total, max_memory_bytes=4 * 2**30, memory_slots=2,
+                               numa_cells=cells, memory_devices=_DEVICES)
 
 
 @pytest.mark.parametrize("balloon", [
-    "custom", None, MemballoonSpec("virtio", implicit=True),
+    "custom", "devices", None, MemballoonSpec("virtio", implicit=True),
     MemballoonSpec("virtio", address=AddressSpec("ccw", cssid=0xFE, ssid=0, devno=0x0A)),
     MemballoonSpec("virtio", address=AddressSpec("virtio-mmio"), autodeflate=True),
 ])
 def test_render_round_trip(balloon: object) -> None:
-    spec = _custom_spec() if balloon == "custom" else dataclasses.replace(_custom_spec(), memballoon=balloon)
+    if balloon == "devices":
+        spec = _devices_spec()
+    else:
+        spec = _custom_spec() if balloon == "custom" else dataclasses.replace(_custom_spec(), memballoon=balloon)
     text = render_domain_xml(spec)
     assert dataclasses.replace(parse_domain_xml(text), xml="") == dataclasses.replace(spec, xml="")
 

@@ -7,14 +7,20 @@ whole KiB and stored in bytes; ``currentMemory`` = ``memory`` when absent; an im
 balloon when there is no ``<memballoon>``), and reports bad input as
 :class:`~balloonlab.model.errors.DomainXMLError` with the line and element. :func:`render_domain_xml`
 writes a spec back as XML libvirt accepts and :func:`builtin_domain` builds balloonlab's own test
-guest. ``balloonlab.qemu.argv`` turns a spec into a QEMU command line; nothing here starts anything.
+guest. NUMA cells (``<cpu><numa>``) and memory devices (``<memory model='virtio-mem'>``, dimm,
+nvdimm, virtio-pmem) are read with libvirt's rules (:mod:`.memory_rules` lists them).
+``balloonlab.qemu.argv`` turns a spec into a QEMU command line; nothing here starts anything.
 """
 
+from balloonlab.domain.memory import format_id_set, parse_id_set
 from balloonlab.domain.parse import as_spec, load_domain_xml, parse_domain_xml
-from balloonlab.domain.render import builtin_domain, render_domain_xml, with_changes, with_serial_socket_paths
-from balloonlab.domain.spec import (BALLOON_MODELS, BALLOONLAB_NS, VIRTIO_DRIVER_OPTIONS, AddressSpec, DiskSpec,
-                                    DomainSpec, MemballoonSpec, SerialSpec)
+from balloonlab.domain.render import (VirtioMemArg, builtin_domain, render_domain_xml, with_changes,
+                                      with_serial_socket_paths)
+from balloonlab.domain.spec import (BALLOON_MODELS, BALLOONLAB_NS, MEMORY_MODELS, VIRTIO_DRIVER_OPTIONS,
+                                    VIRTIO_MEM_MIN_BLOCK_BYTES, AddressSpec, DiskSpec, DomainSpec, MemballoonSpec,
+                                    MemoryDeviceSpec, NumaCellSpec, SerialSpec)
 
-__all__ = ["BALLOON_MODELS", "BALLOONLAB_NS", "VIRTIO_DRIVER_OPTIONS", "AddressSpec", "DiskSpec",
-           "DomainSpec", "MemballoonSpec", "SerialSpec", "as_spec", "builtin_domain", "load_domain_xml",
-           "parse_domain_xml", "render_domain_xml", "with_changes", "with_serial_socket_paths"]
+__all__ = ["BALLOON_MODELS", "BALLOONLAB_NS", "MEMORY_MODELS", "VIRTIO_DRIVER_OPTIONS", "VIRTIO_MEM_MIN_BLOCK_BYTES",
+           "AddressSpec", "DiskSpec", "DomainSpec", "MemballoonSpec", "MemoryDeviceSpec", "NumaCellSpec",
+           "SerialSpec", "VirtioMemArg", "as_spec", "builtin_domain", "format_id_set", "load_domain_xml",
+           "parse_domain_xml", "parse_id_set", "render_domain_xml", "with_changes", "with_serial_socket_paths"]

@@ -3,109 +3,32 @@
 from __future__ import annotations
 
 import os
-from typing import NoReturn, TypedDict
+from typing import TypedDict
 
 from lxml import etree  # type: ignore[import-untyped]  # lxml ships no type hints; lxml-stubs is not installed
 
+from balloonlab.domain.memory import memory_fields
 from balloonlab.domain.spec import (
-    _C_UINT,
-    _CCW_LIMITS,
     _DECIMAL,
-    _ONOFF,
-    _PCI_LIMITS,
-    _QEMU_ID,
     BALLOON_MODELS,
     BALLOONLAB_NS,
-    VIRTIO_DRIVER_OPTIONS,
-    AddressSpec,
     DiskSpec,
     DomainSpec,
     MemballoonSpec,
     SerialSpec,
 )
+from balloonlab.domain.xmlio import (
+    _address,
+    _alias,
+    _driver_options,
+    _fail,
+    _onoff,
+    _short,
+    _shown,
+    _text,
+)
 from balloonlab.model.errors import DomainXMLError
 from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S
-from balloonlab.model.units import unit_factor
-
-#: libvirt's largest memory size in bytes: it refuses 2^53 KiB and more ("numerical overflow").
-LIBVIRT_MAX_MEMORY_BYTES = (2**53 - 1) * 1024
-
-
-def _tag(node: etree._Element) -> str:
-    localname: str = etree.QName(node).localname
-    return localname
-
-
-def _short(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _shown(value: object, limit: int = 40) -> str:
-    """``repr(value)`` cut short: values in messages come from the document, of any length."""
-    return _short(repr(value), limit)
-
-
-def _fail(message: str, node: etree._Element | None = None, element: str | None = None) -> NoReturn:
-    element = element or (_tag(node) if node is not None else None)
-    raise DomainXMLError(message, line=node.sourceline if node is not None else None,
-                         element=_short(element) if element is not None else None)
-
-
-def _text(node: etree._Element | None) -> str | None:
-    if node is None or node.text is None or not node.text.strip():
-        return None
-    text: str = node.text.strip()
-    return text
-
-
-def _round_up_kib(nbytes: int) -> int:
-    return -(-nbytes // 1024) * 1024
-
-
-def _memory(node: etree._Element, *, allow_zero: bool = False) -> int:
-    """Bytes of a ``<memory>``-like element, rounded up to a whole KiB as libvirt does."""
-    unit = node.get("unit", "KiB")
-    try:
-        factor = unit_factor(unit)
-    except ValueError as exc:
-        _fail(str(exc), node)
-    text = node.text or ""
-    if not _DECIMAL.match(text) or (int(text) == 0 and not allow_zero):
-        _fail(f"<{_tag(node)}> must be a positive integer number of {unit}, got {_shown(text.strip())}", node)
-    nbytes = _round_up_kib(int(text) * factor)
-    if nbytes > LIBVIRT_MAX_MEMORY_BYTES:
-        _fail(f"<{_tag(node)}> of {text.strip()} {unit} is too large; libvirt accepts at most "
-              f"{LIBVIRT_MAX_MEMORY_BYTES // 1024} KiB (8 EiB less 1 KiB)", node)
-    return nbytes
-
-
-def _onoff(node: etree._Element, attr: str) -> bool | None:
-    value = node.get(attr)
-    if value is None:
-        return None
-    if value not in _ONOFF:
-        _fail(f"{attr}={_shown(value)} is not valid; expected 'on' or 'off'", node)
-    return _ONOFF[value]
-
-
-def _address_number(node: etree._Element, attr: str, limit: int) -> int:
-    text = node.get(attr, "0").strip()
-    if not _C_UINT.match(text):
-        _fail(f"address {attr}={_shown(text)} is not a number; expected decimal like '18' or hex like '0x12'", node)
-    value = int(text, 16) if text[:2].lower() == "0x" else int(text, 8 if text.startswith("0") else 10)
-    if value > limit:
-        _fail(f"address {attr}={_shown(text)} is out of range; expected at most {limit:#x}", node)
-    return value
-
-
-def _address(node: etree._Element | None) -> AddressSpec | None:
-    if node is None:
-        return None
-    kind = node.get("type")
-    if not kind:
-        _fail("<address> has no type; expected type='pci', 'ccw' or 'virtio-mmio'", node)
-    limits = {"pci": _PCI_LIMITS, "ccw": _CCW_LIMITS}.get(kind, {})
-    return AddressSpec(kind, **{a: _address_number(node, a, lim) for a, lim in limits.items()})
 
 
 def _period(node: etree._Element | None) -> int | None:
@@ -129,18 +52,10 @@ def _memballoon(nodes: list[etree._Element], domain_type: str) -> MemballoonSpec
         return None
     if model not in BALLOON_MODELS:
         _fail(f"unknown memballoon model {_shown(model)}; expected one of {', '.join(BALLOON_MODELS)} or none", node)
-    alias_node = node.find("alias")
-    alias = alias_node.get("name") if alias_node is not None else None
-    if alias_node is not None and (alias is None or not _QEMU_ID.match(alias)):
-        _fail(f"alias name={_shown(alias)} is not a valid QEMU device id; expected a letter then "
-              "letters, digits, '-', '.' or '_'", alias_node)
-    driver = node.find("driver")
-    options = () if driver is None else tuple(
-        (name, value) for name in VIRTIO_DRIVER_OPTIONS if (value := _onoff(driver, name)) is not None)
-    return MemballoonSpec(model=model, alias=alias, address=_address(node.find("address")),
+    return MemballoonSpec(model=model, alias=_alias(node), address=_address(node.find("address")),
                           autodeflate=_onoff(node, "autodeflate"),
                           free_page_reporting=_onoff(node, "freePageReporting"),
-                          period_s=_period(node.find("stats")), driver_options=options)
+                          period_s=_period(node.find("stats")), driver_options=_driver_options(node))
 
 
 def _disk(node: etree._Element) -> DiskSpec | None:
@@ -184,14 +99,6 @@ def _vcpus(root: etree._Element) -> int:
     return int(node.text)
 
 
-class _MemoryFields(TypedDict):
-    """The memory fields of a :class:`DomainSpec`."""
-
-    memory_bytes: int
-    current_memory_bytes: int
-    max_memory_bytes: int | None
-
-
 class _OsFields(TypedDict):
     """The ``<os>`` fields of a :class:`DomainSpec`."""
 
@@ -209,18 +116,6 @@ class _DeviceFields(TypedDict):
     disks: tuple[DiskSpec, ...]
     serials: tuple[SerialSpec, ...]
     memballoon: MemballoonSpec | None
-
-
-def _memory_fields(root: etree._Element) -> _MemoryFields:
-    node = root.find("memory")
-    if node is None:
-        _fail("missing <memory>; expected e.g. <memory unit='MiB'>512</memory> in <domain>", root)
-    memory = _memory(node)
-    current_node, max_node = root.find("currentMemory"), root.find("maxMemory")
-    current = _memory(current_node, allow_zero=True) if current_node is not None else memory
-    return {"memory_bytes": memory,
-            "current_memory_bytes": current if 0 < current <= memory else memory,  # as libvirt
-            "max_memory_bytes": _memory(max_node) if max_node is not None else None}
 
 
 def _os_fields(os_node: etree._Element | None) -> _OsFields:
@@ -278,6 +173,7 @@ def parse_domain_xml(text: str | bytes) -> DomainSpec:
 
     Only local disks (``<source file=|dev=>``) are kept; ``currentMemory`` of 0 or above
     ``memory`` becomes ``memory``, and sizes of 2^53 KiB or more are refused, as libvirt does.
+    NUMA cells and memory devices are checked as libvirt checks them (:mod:`.memory_rules`).
 
     :param text: the XML document (str, or bytes honouring its encoding declaration).
     :raises DomainXMLError: for XML that is not well formed or that libvirt would refuse
@@ -293,9 +189,10 @@ def parse_domain_xml(text: str | bytes) -> DomainSpec:
     name = _text(root.find("name"))
     if name is None:
         _fail("missing <name>; expected <name>guest-name</name> in <domain>", root)
+    vcpus, os_fields = _vcpus(root), _os_fields(root.find("os"))
     return DomainSpec(name=name, uuid=_text(root.find("uuid")), domain_type=domain_type,
-                      vcpus=_vcpus(root), agent=_agent(root), xml=source, **_memory_fields(root),
-                      **_os_fields(root.find("os")), **_device_fields(root.find("devices"), domain_type))
+                      vcpus=vcpus, agent=_agent(root), xml=source, **memory_fields(root, vcpus, os_fields["arch"]),
+                      **os_fields, **_device_fields(root.find("devices"), domain_type))
 
 
 def load_domain_xml(path: str | os.PathLike[str]) -> DomainSpec:

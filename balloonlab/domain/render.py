@@ -8,41 +8,25 @@ from typing import Any
 
 from lxml import etree  # type: ignore[import-untyped]  # lxml ships no type hints; lxml-stubs is not installed
 
-from balloonlab.domain.parse import _parse_root, _round_up_kib
+from balloonlab.domain.memory import render_memory_device, render_numa
+from balloonlab.domain.parse import _parse_root, parse_domain_xml
 from balloonlab.domain.spec import (
     _GUEST_NAME,
     _QEMU_ID,
     BALLOON_MODELS,
     BALLOONLAB_NS,
-    AddressSpec,
+    VIRTIO_MEM_MIN_BLOCK_BYTES,
     DiskSpec,
     DomainSpec,
     MemballoonSpec,
+    MemoryDeviceSpec,
+    NumaCellSpec,
     SerialSpec,
 )
+from balloonlab.domain.xmlio import _kib, _render_address, _round_up_kib, _sub
+from balloonlab.model.errors import DomainXMLError
 from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S
 from balloonlab.model.units import parse_size
-
-
-def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str | None) -> etree._Element:
-    node = etree.SubElement(parent, tag, {k: v for k, v in attrs.items() if v is not None})
-    node.text = text
-    return node
-
-
-def _kib(nbytes: int) -> str:
-    return str(-(-nbytes // 1024))
-
-
-def _render_address(parent: etree._Element, address: AddressSpec) -> None:
-    attrs = {"type": address.type}
-    if address.type == "pci":
-        attrs.update(domain=f"0x{address.domain or 0:04x}", bus=f"0x{address.bus or 0:02x}",
-                     slot=f"0x{address.slot or 0:02x}", function=f"0x{address.function or 0:x}")
-    elif address.type == "ccw":
-        attrs.update(cssid=f"0x{address.cssid or 0:x}", ssid=f"0x{address.ssid or 0:x}",
-                     devno=f"0x{address.devno or 0:04x}")
-    _sub(parent, "address", **attrs)
 
 
 def _render_memballoon(devices: etree._Element, balloon: MemballoonSpec | None) -> None:
@@ -102,7 +86,8 @@ def render_domain_xml(spec: DomainSpec) -> str:
                                  nsmap={"balloonlab": BALLOONLAB_NS})
         guest.set("agent", "serial1")
     if spec.max_memory_bytes is not None:
-        _sub(root, "maxMemory", _kib(spec.max_memory_bytes), unit="KiB")
+        slots = str(spec.memory_slots) if spec.memory_slots is not None else None
+        _sub(root, "maxMemory", _kib(spec.max_memory_bytes), slots=slots, unit="KiB")
     _sub(root, "memory", _kib(spec.memory_bytes), unit="KiB")
     _sub(root, "currentMemory", _kib(spec.current_memory_bytes), unit="KiB")
     _sub(root, "vcpu", str(spec.vcpus), placement="static")
@@ -111,6 +96,7 @@ def render_domain_xml(spec: DomainSpec) -> str:
     for tag in ("kernel", "initrd", "cmdline"):
         if getattr(spec, tag) is not None:
             _sub(os_node, tag, getattr(spec, tag))
+    render_numa(root, spec.numa_cells)
     devices = _sub(root, "devices")
     if spec.emulator is not None:
         _sub(devices, "emulator", spec.emulator)
@@ -119,6 +105,8 @@ def render_domain_xml(spec: DomainSpec) -> str:
     for serial in spec.serials:
         _render_serial(devices, serial)
     _render_memballoon(devices, spec.memballoon)
+    for device in spec.memory_devices:
+        render_memory_device(devices, device)
     xml: str = etree.tostring(root, pretty_print=True, encoding="unicode")
     return xml
 
@@ -168,6 +156,37 @@ def _size_arg(name: str, value: object) -> int:
     return nbytes
 
 
+#: What ``virtio_mem=`` of :func:`builtin_domain` takes: a size, (size, requested) or (size, requested, block).
+VirtioMemArg = int | str | tuple[int | str, int | str] | tuple[int | str, int | str, int | str]
+_GIB = 1 << 30
+
+
+def _virtio_mem_device(value: VirtioMemArg) -> MemoryDeviceSpec:
+    parts = value if isinstance(value, tuple) else (value,)
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(f"virtio_mem must be a size, (size, requested) or (size, requested, block), got {value!r}")
+    size = _size_arg("virtio_mem size", parts[0])
+    requested = 0 if len(parts) < 2 or parts[1] in (0, "0") else _size_arg("virtio_mem requested", parts[1])
+    block = VIRTIO_MEM_MIN_BLOCK_BYTES if len(parts) < 3 else _size_arg("virtio_mem block", parts[2])
+    return MemoryDeviceSpec("virtio-mem", size, node=0, block_bytes=block, requested_bytes=requested)
+
+
+def _with_virtio_mem(spec: DomainSpec, device: MemoryDeviceSpec, value: VirtioMemArg) -> DomainSpec:
+    """``spec`` with one virtio-mem device, as libvirt wants it: NUMA cell 0 holding the boot
+    memory and every vCPU, ``<memory>`` = boot memory + device, and a ``<maxMemory>`` of that
+    rounded up to a GiB (1 slot, which libvirt 9 requires): a maxmem that boots under TCG, where
+    QEMU's default 40 physical address bits refuse a maxmem of 1 TiB ("phys-bits too low")."""
+    total = spec.memory_bytes + device.size_bytes
+    spec = dataclasses.replace(
+        spec, memory_bytes=total, max_memory_bytes=-(-total // _GIB) * _GIB, memory_slots=1,
+        numa_cells=(NumaCellSpec(0, tuple(range(spec.vcpus)), spec.memory_bytes),), memory_devices=(device,))
+    try:
+        parse_domain_xml(render_domain_xml(spec))
+    except DomainXMLError as error:  # the same rules as any domain XML, said about the argument
+        raise ValueError(f"virtio_mem={value!r}: {error.message}") from None
+    return spec
+
+
 def _check_builtin_args(args: dict[str, object]) -> None:
     for key in ("name", "kernel", "initrd", "cmdline", "machine", "model", "domain_type"):
         if not isinstance(args[key], str):
@@ -197,14 +216,20 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
                    current_memory: int | str | None = None, vcpus: int = 1, period_s: int | None = 1,
                    model: str = "virtio", alias: str | None = None, autodeflate: bool | None = None,
                    free_page_reporting: bool | None = None, machine: str = "pc",
-                   domain_type: str = "qemu", emulator: str | None = None) -> DomainSpec:
+                   domain_type: str = "qemu", emulator: str | None = None,
+                   virtio_mem: VirtioMemArg | None = None) -> DomainSpec:
     """The domain of balloonlab's built-in test guest: x86_64, direct kernel boot, no disks.
 
     It carries the workload agent (``agent=True``): serial port 0 is the console, port 1 the
     agent (the launcher decides where both go). ``xml`` is filled by :func:`render_domain_xml`.
 
     :param memory: bytes (int) or a size like ``"512M"`` (:func:`balloonlab.model.units.parse_size`),
-        rounded up to a whole KiB. ``current_memory`` likewise; None means ``memory``.
+        rounded up to a whole KiB: the memory the guest boots with. ``current_memory`` likewise
+        (the balloon's initial target); None means all of it (virtio-mem's size included).
+    :param virtio_mem: one virtio-mem device (QEMU id ``virtiomem0``, guest node 0): its size
+        (``"256M"``), or ``(size, requested)``, or ``(size, requested, block)``; requested 0 and
+        a 2 MiB block by default. The domain then has NUMA cell 0 (the boot memory, every vCPU),
+        ``<memory>`` = memory + size, and ``<maxMemory slots='1'>`` of that rounded up to a GiB.
     :param period_s: the balloon stats period in seconds (None: no ``<stats>``, 0: disabled).
     :param model: virtio, virtio-transitional, virtio-non-transitional, or none (no balloon).
     :param alias: the balloon's device id (QEMU rules; libvirt keeps only ``ua-`` aliases).
@@ -214,9 +239,12 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
     """
     _check_builtin_args(dict(locals()))
     memory_bytes = _size_arg("memory", memory)
-    current = memory_bytes if current_memory is None else _size_arg("current_memory", current_memory)
-    if current > memory_bytes:
-        raise ValueError(f"current_memory ({current} bytes) must not exceed memory ({memory_bytes} bytes)")
+    device = _virtio_mem_device(virtio_mem) if virtio_mem is not None else None
+    total = memory_bytes + (device.size_bytes if device is not None else 0)
+    current = total if current_memory is None else _size_arg("current_memory", current_memory)
+    if current > total:
+        raise ValueError(f"current_memory ({current} bytes) must not exceed memory ({total} bytes"
+                         + (", virtio-mem included)" if device is not None else ")"))
     balloon = None if model == "none" else MemballoonSpec(
         model=model, alias=alias, autodeflate=autodeflate, free_page_reporting=free_page_reporting,
         period_s=period_s)
@@ -226,4 +254,6 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
                       cmdline=cmdline or None, disks=(),
                       serials=(SerialSpec("pty", 0), SerialSpec("unix", 1)),
                       memballoon=balloon, agent=True)
+    if device is not None and virtio_mem is not None:
+        spec = _with_virtio_mem(spec, device, virtio_mem)
     return dataclasses.replace(spec, xml=render_domain_xml(spec))

@@ -14,6 +14,13 @@ BALLOONLAB_NS = "https://balloonlab.dev/xmlns/guest/1"
 BALLOON_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional", "xen")
 #: ``<driver>`` virtio options of a memballoon, in libvirt's order (XML names).
 VIRTIO_DRIVER_OPTIONS = ("iommu", "ats", "packed", "page_per_vq")
+#: ``<memory model=...>`` values of memory devices libvirt knows (sgx-epc: Intel SGX enclave memory).
+MEMORY_MODELS = ("dimm", "nvdimm", "virtio-pmem", "virtio-mem", "sgx-epc")
+#: The smallest virtio-mem block libvirt accepts: the host's transparent huge page size, for
+#: which libvirt falls back to 2 MiB when it cannot read it (and which x86_64 hosts have).
+VIRTIO_MEM_MIN_BLOCK_BYTES = 2 << 20
+#: libvirt's limit on vCPU and host node ids in a cpuset (``VIR_DOMAIN_CPUMASK_LEN``).
+CPUMASK_LEN = 16384
 
 _DECIMAL = re.compile(r"\s*[0-9]{1,20}\s*\Z")  # 20 digits: a C unsigned long long
 # libvirt reads address numbers with strtoul(base 0): '18' decimal, '0x12' hex, '022' octal.
@@ -29,9 +36,11 @@ _ONOFF = {"on": True, "off": False}
 class AddressSpec:
     """A device address: ``type`` plus the numbers that type uses (the others are None).
 
-    :param type: 'pci', 'ccw', 'virtio-mmio', ... as in ``<address type=...>``.
+    :param type: 'pci', 'ccw', 'dimm', 'virtio-mmio', ... as in ``<address type=...>``.
     :param domain: PCI domain; with ``bus``, ``slot``, ``function`` (type 'pci' only).
     :param cssid: CCW channel subsystem id; with ``ssid`` and ``devno`` (type 'ccw' only).
+    :param slot: also the slot of a 'dimm' address (a memory device), with its guest physical
+        ``base`` address in bytes (None when not given: QEMU picks it).
     """
 
     type: str
@@ -42,6 +51,7 @@ class AddressSpec:
     cssid: int | None = None
     ssid: int | None = None
     devno: int | None = None
+    base: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,8 +107,71 @@ class SerialSpec:
 
 
 @dataclass(frozen=True)
+class NumaCellSpec:
+    """One guest NUMA node: ``<cpu><numa><cell id=... cpus=... memory=... unit=...>``.
+
+    :param id: the node's id; cells are numbered 0..n-1 (libvirt: the order of the cells when
+        ``id`` is left out).
+    :param cpus: the vCPU ids of the node, ascending; empty for a node without vCPUs.
+    :param memory_bytes: the node's memory in bytes (whole KiB).
+    """
+
+    id: int
+    cpus: tuple[int, ...]
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryDeviceSpec:
+    """A memory device, ``<memory model=...>`` in ``<devices>`` (libvirt's formatdomain
+    "Memory devices"). Sizes in bytes (whole KiB); None where the XML says nothing.
+
+    :param model: one of :data:`MEMORY_MODELS`.
+    :param size_bytes: ``<target><size>``: for virtio-mem the most it can plug, else its size.
+    :param node: ``<target><node>``: the guest NUMA node it adds memory to.
+    :param block_bytes: ``<target><block>`` (virtio-mem): the plugging granularity.
+    :param requested_bytes: ``<target><requested>`` (virtio-mem): what the guest is asked to plug.
+    :param address_base: ``<target><address base=...>`` (virtio-mem, libvirt 10+): its guest
+        physical address.
+    :param dynamic_memslots: ``<target dynamicMemslots=...>`` (virtio-mem, libvirt 10+).
+    :param label_bytes: ``<target><label><size>`` (nvdimm): its label area.
+    :param readonly: ``<target><readonly/>`` (nvdimm).
+    :param source_path: ``<source><path>`` (nvdimm, virtio-pmem): the backing file.
+    :param source_pagesize_bytes: ``<source><pagesize>`` (dimm, virtio-mem): a huge page size.
+    :param source_nodemask: ``<source><nodemask>`` (dimm, virtio-mem, sgx-epc): host NUMA nodes.
+    :param access: ``access`` ('shared' or 'private').
+    :param discard: ``discard`` (yes/no).
+    :param alias: ``<alias name=...>``: the QEMU device id (libvirt makes one, e.g. ``virtiomem0``).
+    :param address: ``<address>``: 'pci' for virtio-mem/virtio-pmem, 'dimm' for dimm/nvdimm.
+    :param driver_options: ``<driver>`` virtio options as (XML name, on) pairs, libvirt's order.
+    """
+
+    model: str
+    size_bytes: int
+    node: int | None = None
+    block_bytes: int | None = None
+    requested_bytes: int | None = None
+    address_base: int | None = None
+    dynamic_memslots: bool | None = None
+    label_bytes: int | None = None
+    readonly: bool = False
+    source_path: str | None = None
+    source_pagesize_bytes: int | None = None
+    source_nodemask: tuple[int, ...] = ()
+    access: str | None = None
+    discard: bool | None = None
+    alias: str | None = None
+    address: AddressSpec | None = None
+    driver_options: tuple[tuple[str, bool], ...] = ()
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """What balloonlab needs to know about a libvirt domain. Sizes are bytes (whole KiB).
+
+    ``memory_bytes`` is libvirt's ``<memory>``: the total, memory devices included (without
+    ``<memory>`` libvirt takes the NUMA cells' memory plus the memory devices).
+    ``max_memory_bytes`` is ``<maxMemory>``, the ceiling for memory hotplug.
 
     ``xml`` is the source text as given (for a spec built in Python: as rendered). Use
     :func:`with_changes` rather than :func:`dataclasses.replace` to get a spec whose ``xml``
@@ -122,6 +195,12 @@ class DomainSpec:
     serials: tuple[SerialSpec, ...]
     memballoon: MemballoonSpec | None
     agent: bool
+    #: ``<maxMemory slots=...>``: slots for dimm/nvdimm devices (None when not given).
+    memory_slots: int | None = None
+    #: ``<cpu><numa><cell>``: the guest NUMA nodes, by id.
+    numa_cells: tuple[NumaCellSpec, ...] = ()
+    #: ``<devices><memory model=...>``: memory devices, in document order.
+    memory_devices: tuple[MemoryDeviceSpec, ...] = ()
     xml: str = dataclasses.field(default="", repr=False)
 
     @property
@@ -134,6 +213,16 @@ class DomainSpec:
         """The balloon's stats period in seconds, None without a balloon or ``<stats>``."""
         return self.memballoon.period_s if self.memballoon is not None else None
 
+    @property
+    def initial_memory_bytes(self) -> int:
+        """The memory the guest boots with (QEMU's ``-m size``, before libvirt aligns it): the
+        NUMA cells' memory when there are cells, else ``memory_bytes`` less the memory devices."""
+        if self.numa_cells:
+            return sum(cell.memory_bytes for cell in self.numa_cells)
+        return self.memory_bytes - sum(device.size_bytes for device in self.memory_devices)
 
-# ---------------------------------------------------------------------------- parsing helpers
+    @property
+    def has_memory_hotplug(self) -> bool:
+        """True when ``<maxMemory>`` is given: QEMU then gets ``maxmem`` (and ``slots``)."""
+        return self.max_memory_bytes is not None
 

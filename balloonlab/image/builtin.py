@@ -7,7 +7,7 @@ the image must have been built by the setup step (``balloonlab guest build``).
 
 from __future__ import annotations
 
-from balloonlab.domain import DomainSpec, builtin_domain
+from balloonlab.domain import DomainSpec, VirtioMemArg, builtin_domain
 from balloonlab.image.build import find_guest_image
 from balloonlab.model.errors import GuestImageError
 from balloonlab.model.units import parse_size
@@ -18,8 +18,12 @@ def builtin_spec(name: str = "balloonlab", *, memory: int | str = "512M",
                  model: str = "virtio", autodeflate: bool | None = None,
                  free_page_reporting: bool | None = None, machine: str = "pc",
                  balloon_driver: bool = True, extra_cmdline: str = "", kernel_release: str | None = None,
-                 qemu_binary: str | None = None, swap: int | str | None = None) -> DomainSpec:
+                 qemu_binary: str | None = None, swap: int | str | None = None,
+                 virtio_mem: VirtioMemArg | None = None) -> DomainSpec:
     """The domain of the built-in test guest.
+
+    The image loads ``virtio_mem`` and onlines hot-plugged memory as movable
+    (``memhp_default_state=online_movable``), so a virtio-mem device works as it boots.
 
     :param balloon_driver: False boots the guest without loading virtio_balloon (the device
         is there, the guest never answers: last-update stays 0).
@@ -29,7 +33,11 @@ def builtin_spec(name: str = "balloonlab", *, memory: int | str = "512M",
         ``balloonlab stacks``; None: ``qemu-system-x86_64`` from PATH.
     :param swap: give the guest a zram swap device of this size (bytes or "128M"), so pressure
         reaches reclaim and swap before the OOM killer.
+    :param virtio_mem: one virtio-mem device (QEMU id ``virtiomem0``, on guest NUMA node 0): a size
+        (``"256M"``), ``(size, requested)`` or ``(size, requested, block)``; ``memory`` stays the boot
+        memory (see :func:`~balloonlab.domain.builtin_domain`: NUMA cell 0, ``<maxMemory>``).
     :raises GuestImageError: the image (for that kernel) was not built yet.
+    :raises ValueError: for a virtio_mem libvirt would refuse (the message says what to change).
     """
     image = find_guest_image(kernel_release=kernel_release)
     if image is None:
@@ -47,4 +55,4 @@ def builtin_spec(name: str = "balloonlab", *, memory: int | str = "512M",
     return builtin_domain(name=name, kernel=str(image.kernel), initrd=str(image.initrd), cmdline=cmdline,
                           memory=memory, current_memory=current_memory, vcpus=vcpus, period_s=period_s,
                           model=model, autodeflate=autodeflate, free_page_reporting=free_page_reporting,
-                          machine=machine, emulator=qemu_binary)
+                          machine=machine, emulator=qemu_binary, virtio_mem=virtio_mem)

@@ -11,19 +11,18 @@ process is the launcher's job.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 
-from balloonlab.domain import DiskSpec, DomainSpec
+from balloonlab.domain import AddressSpec, DiskSpec, DomainSpec
 from balloonlab.model.errors import LaunchError
 from balloonlab.qemu.devices import balloon_device_type
+from balloonlab.qemu.memory_argv import (LAUNCHED_MODELS, VIRTIO_OPTION_PROPERTIES, _json, memory_backend,
+                                         memory_device, memory_option, numa_args)
 
-#: libvirt's names for the memballoon ``<driver>`` virtio options on the QEMU command line.
-VIRTIO_OPTION_PROPERTIES = {"iommu": "iommu_platform", "ats": "ats", "packed": "packed",
-                            "page_per_vq": "page-per-vq"}
+__all__ = ["VIRTIO_OPTION_PROPERTIES", "balloon_device", "build_argv", "check_launch_inputs", "kvm_usable",
+           "memory_option", "qemu_binary_for", "resolve_accel"]
 # QEMU binary per guest arch where the names differ; i686 guests run on qemu-system-x86_64
 # in libvirt's tests (hostdev-pci-address: arch i686, emulator qemu-system-x86_64).
 _ARCH_BINARY = {"i686": "x86_64", "armv7l": "arm", "ppc64le": "ppc64", "s390": "s390x"}
@@ -98,19 +97,6 @@ def resolve_accel(requested: str) -> str:
     raise ValueError(f"accel {requested!r} is not supported; expected 'auto', 'kvm' or 'tcg'")
 
 
-def memory_option(spec: DomainSpec) -> str:
-    """The ``-m`` value, ``size=<KiB>k``, with libvirt's alignment.
-
-    libvirt rounds the initial memory up to 1 MiB, so 219100 KiB becomes ``size=219136k``
-    (libvirt's hostdev-pci-address test); on ppc64 we round to 256 MiB, the block size QEMU's
-    pseries machine needs. There is no ``maxmem``: balloonlab hot-plugs no memory, and a large
-    maxMemory does not boot under TCG ("phys-bits too low (40)" for libvirt's 1 PiB example).
-    """
-    align_kib = 256 * 1024 if (spec.arch or "").startswith("ppc64") else 1024
-    kib = -(-spec.memory_bytes // 1024)
-    return f"size={-(-kib // align_kib) * align_kib}k"
-
-
 def _esc(value: str) -> str:
     return value.replace(",", ",,")  # QEMU's option syntax: a literal comma is doubled
 
@@ -123,16 +109,15 @@ def _root_pci_bus(machine: str) -> str | None:
     return None
 
 
-def _launch_balloon(spec: DomainSpec, machine: str) -> dict[str, object] | None:
-    props = balloon_device(spec)
-    if props is None or "bus" not in props:
-        return props
-    address = spec.memballoon.address if spec.memballoon is not None else None
-    if address is None:  # balloon_device() writes a bus only for an explicit PCI address
+def _on_root_bus(props: dict[str, object], address: AddressSpec | None, machine: str) -> dict[str, object]:
+    """``props`` with its PCI ``bus``/``addr`` kept only on the machine's root bus.
+
+    libvirt creates bridges and root ports for other buses; we create none, so only a slot on
+    the root bus can be honoured (QEMU picks a free slot otherwise).
+    """
+    if "bus" not in props or address is None or address.type != "pci":
         return props
     root = _root_pci_bus(machine)
-    # libvirt creates bridges and root ports for other buses; we create none, so only a slot
-    # on the root bus can be honoured (QEMU picks a free slot otherwise).
     if address.bus == 0 and address.domain == 0 and root is not None:
         props["bus"] = root
     else:
@@ -140,8 +125,22 @@ def _launch_balloon(spec: DomainSpec, machine: str) -> dict[str, object] | None:
     return props
 
 
-def _json(value: Mapping[str, object]) -> str:
-    return json.dumps(value, separators=(",", ":"))
+def _launch_balloon(spec: DomainSpec, machine: str) -> dict[str, object] | None:
+    props = balloon_device(spec)
+    if props is None:
+        return None
+    return _on_root_bus(props, spec.memballoon.address if spec.memballoon is not None else None, machine)
+
+
+def _memory_device_args(spec: DomainSpec, machine: str) -> list[str]:
+    argv: list[str] = []
+    for index, device in enumerate(spec.memory_devices):
+        if device.model not in LAUNCHED_MODELS:
+            raise ValueError(f"memory device model {device.model!r} is not launched by balloonlab (it needs "
+                             f"files or host support it does not set up); expected {' or '.join(LAUNCHED_MODELS)}")
+        props = _on_root_bus(memory_device(spec, index), device.address, machine)
+        argv += ["-object", _json(memory_backend(spec, index)), "-device", _json(props)]
+    return argv
 
 
 def _disk_driver(disk: DiskSpec, readonly: bool) -> str:
@@ -214,11 +213,14 @@ def build_argv(spec: DomainSpec, *, qmp_socket: str, console_log: str, agent_soc
     """The qemu-system argv that starts ``spec`` paused, with QMP on ``qmp_socket``.
 
     Serial port 0 goes to ``console_log`` (always), port 1 to the ``agent_socket`` unix socket
-    (when given). A balloon PCI address is kept only on the machine's root bus.
+    (when given). A balloon's or memory device's PCI address is kept only on the machine's root
+    bus. Memory, NUMA cells and memory devices follow :mod:`.memory_argv` (libvirt's ``-m``,
+    ``-numa`` and ``-object``/``-device`` lines).
 
     :param accel: 'kvm' or 'tcg', already resolved (see :func:`resolve_accel`).
     :param qemu_binary: overrides :func:`qemu_binary_for`.
-    :raises ValueError: for another accel, or a disk QEMU cannot attach as described.
+    :raises ValueError: for another accel, a disk QEMU cannot attach as described, or a memory
+        device balloonlab does not launch (nvdimm, virtio-pmem, sgx-epc).
     """
     if accel not in _ACCELS:
         raise ValueError(f"accel {accel!r} is not resolved; expected 'kvm' or 'tcg'")
@@ -227,13 +229,14 @@ def build_argv(spec: DomainSpec, *, qmp_socket: str, console_log: str, agent_soc
             "-S", "-machine", machine, "-accel", accel]
     if accel == "kvm":
         argv += ["-cpu", "host"]
-    argv += ["-m", memory_option(spec), "-smp", str(spec.vcpus)]
+    argv += ["-m", memory_option(spec), "-smp", str(spec.vcpus), *numa_args(spec)]
     if spec.uuid:
         argv += ["-uuid", spec.uuid]
     argv += ["-nodefaults", "-no-user-config", "-display", "none",
              "-chardev", f"socket,id=qmp,path={_esc(qmp_socket)},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control"]
     argv += _serial_args(console_log, agent_socket) + _kernel_args(spec) + _disk_args(spec, machine)
+    argv += _memory_device_args(spec, machine)
     balloon = _launch_balloon(spec, machine)
     if balloon is not None:
         argv += ["-device", _json(balloon)]
