@@ -113,7 +113,7 @@ CASES: dict[str, Case] = {
     # -- exit 2: the command line is wrong, nothing is done
     "no command": usage(message="the following arguments are required: command; see 'balloonlab --help'"),
     "unknown command": usage("bogus", message="argument command: invalid choice: 'bogus' (choose from 'guest', "
-                                              "'list', 'stop', 'stacks', 'demo', 'record', 'plot', 'period-study'); "
+                                              "'list', 'stop', 'stacks', 'demo', 'record', 'plot', 'period-study', 'compare'); "
                                               "see 'balloonlab --help'"),
     "unknown option": usage("demo", "--bogus", message="unrecognized arguments: --bogus; see 'balloonlab --help'"),
     "guest without build": usage("guest", message="the following arguments are required: {build}; "

@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "libvirt": {"model", "domain", "image", "qemu"},
     "record": {"model"},
     "analysis": {"model"},
-    "experiments": {"model", "domain", "qemu", "record", "analysis"},
+    "experiments": {"model", "domain", "image", "qemu", "record", "analysis"},  # image: the built-in guest it runs
     "blocking": {"model", "domain", "qemu", "libvirt", "record", "experiments"},
     "widgets": {"model", "domain", "image", "qemu", "record", "experiments", "analysis", "blocking"},
     "cli": {"model", "domain", "image", "qemu", "record", "experiments", "analysis", "blocking"},
