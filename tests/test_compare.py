@@ -15,7 +15,7 @@ import math
 import pandas as pd
 import pytest
 
-from balloonlab.analysis.mechanisms import MEASURES, compare_table, plot_compare
+from balloonlab.analysis.mechanisms import MEASURES, compare_table, plot_compare, plot_footprint
 from balloonlab.record.store import load_run
 from balloonlab.experiments.compare import (MECHANISMS, CompareSettings, compare_mechanisms, parse_mechanisms,
                                             table_records)
@@ -51,6 +51,17 @@ def test_the_table_gives_median_spread_share_and_reached_per_mechanism():
     records = table_records(table.reset_index())
     assert records[0]["retouch_s"] is None and json.dumps(records)  # JSON has null, not NaN
     assert len(plot_compare(table.reset_index()).axes) == 4
+
+
+def test_the_footprint_plot_draws_a_line_per_mechanism_and_refuses_other_frames():
+    trace = pd.DataFrame({"mechanism": ["balloon"] * 3 + ["virtio-mem"] * 3, "repetition": 1,
+                          "t_s": [0.0, 1.0, 2.0] * 2, "rss": [300 * MiB, 420 * MiB, 300 * MiB] * 2,
+                          "step": ["touch", "free", "shrink"] * 2})
+    ax = plot_footprint(trace).axes[0]
+    assert [line.get_label() for line in ax.lines] == ["balloon", "virtio-mem"]
+    assert list(ax.lines[0].get_ydata()) == [300, 420, 300]  # MiB
+    with pytest.raises(ValueError, match="CompareResult.trace"):
+        plot_footprint(pd.DataFrame({"rss": [1]}))
 
 
 def test_rows_without_a_mechanism_are_refused_with_what_to_pass():
@@ -113,6 +124,10 @@ def test_compare_quick_shows_what_each_mechanism_gives_back(tmp_path):
     run_dir = next((tmp_path / "runs").iterdir())
     samples = load_run(run_dir).samples
     assert set(samples["guest"]) == {f"cmp-{m.name.replace('+', '-')}-1" for m in MECHANISMS}
-    assert (run_dir / "compare.png").stat().st_size > 10_000
+    assert (run_dir / "compare.png").stat().st_size > 10_000 and (run_dir / "compare-rss.png").stat().st_size > 10_000
+    trace = pd.read_parquet(run_dir / "compare-rss.parquet")
+    for name, steps in trace.groupby("mechanism"):  # QEMU's RSS read all through, every step seen
+        assert list(dict.fromkeys(steps["step"])) == ["touch", "free", "shrink", "grow", "re-touch", "done"], name
+        assert steps["t_s"].iloc[0] == 0 and steps["t_s"].is_monotonic_increasing and len(steps) > 100, name
     assert (run_dir / "compare.json").read_text() == (tmp_path / "table.json").read_text()
     assert "virtio-mem+fpr" in result.stdout and run_dir.name in result.stdout

@@ -16,13 +16,17 @@ import pandas as pd
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["MEASURES", "compare_table", "plot_compare"]
+__all__ = ["MEASURES", "STEPS", "compare_table", "plot_compare", "plot_footprint"]
 
 #: Per-run measures the table summarises (median, min, max), in table order.
 MEASURES: tuple[str, ...] = (
     "shrink_s", "grow_s", "host_returned_bytes", "rss_shrunk_bytes", "free_returned_bytes", "free_return_s",
     "shrink_minor_faults", "shrink_major_faults", "shrink_alloc_stalls", "touch_s", "retouch_s", "retouch2_s",
 )
+
+
+#: The steps of a run, in order, as the RSS trace names them.
+STEPS: tuple[str, ...] = ("touch", "free", "shrink", "grow", "re-touch", "done")
 
 
 def compare_table(rows: pd.DataFrame, *, shrink_bytes: int) -> pd.DataFrame:
@@ -80,4 +84,33 @@ def plot_compare(table: pd.DataFrame) -> Figure:
         ax.set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
         ax.grid(True, axis="y", lw=0.4, alpha=0.5)
         ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
+def plot_footprint(trace: pd.DataFrame) -> Figure:
+    """QEMU's RSS through each run, one line per mechanism (its first repetition), on a time
+    axis from the first touch; the steps of the first mechanism's run shaded and named.
+
+    :param trace: :attr:`balloonlab.experiments.compare.CompareResult.trace`.
+    :raises ValueError: an empty trace or one without its columns.
+    """
+    from matplotlib.figure import Figure
+
+    if trace.empty or not {"mechanism", "repetition", "t_s", "rss", "step"} <= set(trace.columns):
+        raise ValueError("plot_footprint takes CompareResult.trace (mechanism, repetition, t_s, rss, step rows)")
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax = fig.subplots()
+    first = trace[trace["repetition"] == trace["repetition"].min()]
+    for name in dict.fromkeys(first["mechanism"]):
+        run = first[first["mechanism"] == name]
+        ax.plot(run["t_s"], run["rss"] / 2**20, lw=1.2, label=name)
+    lead = first[first["mechanism"] == first["mechanism"].iloc[0]]
+    for k, step in enumerate(s for s in STEPS if s in set(lead["step"]) and s != "done"):
+        times = lead.loc[lead["step"] == step, "t_s"]
+        ax.axvspan(times.min(), times.max(), color="0.5", alpha=0.06 * (1 + k % 2), lw=0)
+        ax.text(times.min(), 1.0, f" {step}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+    ax.set_xlabel("seconds from the first touch (steps shaded as the first mechanism took them)")
+    ax.set_ylabel("QEMU RSS (MiB)")
+    ax.grid(True, lw=0.4, alpha=0.5)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
     return fig

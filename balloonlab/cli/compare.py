@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,14 +53,17 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from balloonlab.experiments.compare import CompareSettings, compare_mechanisms, table_records
+    from balloonlab.experiments.compare import (CompareSettings, builtin_mechanism_spec, compare_mechanisms,
+                                                table_records)
     base = CompareSettings.quick() if args.quick else CompareSettings()
     settings = CompareSettings(memory=args.memory or base.memory, touch=args.touch or base.touch,
                                shrink=args.shrink or base.shrink, repeat=args.repeat or base.repeat)
     if args.json is not None and Path(args.json).is_dir():
         raise UsageError(f"--json {args.json} is a folder; pass the path of the JSON file to write")
     try:
-        result = asyncio.run(compare_mechanisms(args.mechanisms, settings, run_root=runs_root(args.runs),
+        spec = functools.partial(builtin_mechanism_spec, kernel_release=args.kernel_release,
+                                 qemu_binary=args.qemu_binary)
+        result = asyncio.run(compare_mechanisms(args.mechanisms, settings, spec=spec, run_root=runs_root(args.runs),
                                                 progress=lambda line: print(line, flush=True)))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -86,6 +90,8 @@ def register(command: AddCommand) -> None:
     cmd.add_argument("--memory", type=_type("size_setting"), help="the guest's memory (default 768M; --quick 512M)")
     cmd.add_argument("--touch", type=_type("size_setting"), help="what the guest touches (default 256M; --quick 128M)")
     cmd.add_argument("--shrink", type=_type("size_setting"), help="how much the guest is shrunk by (default 256M)")
+    cmd.add_argument("--kernel-release", default=None, help="guest kernel, e.g. 6.12 (default: the default image)")
+    cmd.add_argument("--qemu-binary", default=None, help="QEMU to run the guests (default qemu-system-x86_64)")
     cmd.add_argument("--json", help="also write the table here, a JSON list of rows")
     cmd.add_argument("--runs", default="runs", help="folder for run folders (default ./runs)")
 

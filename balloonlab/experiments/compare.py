@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from balloonlab.analysis.mechanisms import compare_table, plot_compare
+from balloonlab.analysis.mechanisms import compare_table, plot_compare, plot_footprint
 from balloonlab.domain import DomainSpec
 from balloonlab.image.builtin import builtin_spec
 from balloonlab.model.units import format_size, parse_size
@@ -114,10 +114,13 @@ class CompareSettings:
 
 @dataclass(frozen=True)
 class CompareResult:
-    """A comparison's outcome: one row per mechanism and repetition, the table, the run folder."""
+    """A comparison's outcome: one row per mechanism and repetition, the table, QEMU's RSS as
+    the runs read it (every ``rss_poll_s``: ``mechanism``, ``repetition``, ``t_s`` from the first
+    touch, ``rss``, ``step``), the run folder."""
 
     rows: pd.DataFrame
     table: pd.DataFrame
+    trace: pd.DataFrame
     path: Path | None
 
 
@@ -143,6 +146,7 @@ async def compare_mechanisms(mechanisms: Sequence[Mechanism] = MECHANISMS,
     say = progress or (lambda line: None)
     path = new_run_dir(Path(run_root), "compare") if run_root is not None else None
     rows: list[dict[str, Any]] = []
+    traces: list[pd.DataFrame] = []
     async with Sampler(run_dir=path, metadata={"experiment": "compare", "settings": asdict(s),
                                                 "mechanisms": [asdict(m) for m in mechanisms]}) as sampler:
         for i in range(s.repeat):
@@ -152,11 +156,12 @@ async def compare_mechanisms(mechanisms: Sequence[Mechanism] = MECHANISMS,
                 guest = await Guest.launch(make_spec(name, mech, s))
                 try:
                     await sampler.add(guest)
-                    row = await run_once(guest, mech, s, sampler, say)
+                    trace, row = await run_once(guest, mech, s, sampler, say)
                 finally:
                     await sampler.remove(guest.name)
                     await guest.shutdown()
                 rows.append({"mechanism": mech.name, "repetition": i + 1, **row})
+                traces.append(trace.assign(mechanism=mech.name, repetition=i + 1))
                 say(f"{mech.name} #{i + 1}: shrink {row['shrink_s']:.2f} s, returned "
                     f"{format_size(row['host_returned_bytes'])}, grow {row['grow_s']:.2f} s, "
                     f"re-touch {row['retouch_s']:.2f} s")
@@ -167,7 +172,11 @@ async def compare_mechanisms(mechanisms: Sequence[Mechanism] = MECHANISMS,
         table.to_csv(path / "compare.csv", index=False)
         (path / "compare.json").write_text(json.dumps(table_records(table), indent=1) + "\n")
         plot_compare(table).savefig(path / "compare.png", dpi=100)
-    return CompareResult(frame, table, path)
+    trace = pd.concat(traces, ignore_index=True)[["mechanism", "repetition", "t_s", "rss", "step"]]
+    if path is not None:
+        trace.to_parquet(path / "compare-rss.parquet", index=False)
+        plot_footprint(trace).savefig(path / "compare-rss.png", dpi=100)
+    return CompareResult(frame, table, trace, path)
 
 
 def table_records(table: pd.DataFrame) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
+
 from balloonlab.model.balloon import TARGET_TOLERANCE
 from balloonlab.model.procfs import ProcessStat
 from balloonlab.qemu.guest import Guest
@@ -26,11 +28,15 @@ class _Rss:
 
     def __init__(self, pid: int | None, s: CompareSettings) -> None:
         self.stat, self.pid, self.s = ProcessStat(), pid, s
+        #: Every reading as (monotonic time, RSS, step): the run's footprint trace.
+        self.trace: list[tuple[float, int, str]] = []
+        self.step = "boot"
 
     def now(self) -> int:
         value = self.stat.rss_bytes(self.pid)
         if value is None:
             raise RuntimeError(f"QEMU (pid {self.pid}) is gone")
+        self.trace.append((time.monotonic(), value, self.step))
         return value
 
     async def settle(self, since: float) -> tuple[int, float]:
@@ -120,8 +126,9 @@ class _Mover:
 
 
 async def run_once(guest: Guest, mech: Mechanism, s: CompareSettings, sampler: Sampler,
-                   say: Progress) -> dict[str, Any]:
-    """Put ``guest`` through one run (see :mod:`balloonlab.experiments.compare`): its measures."""
+                   say: Progress) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Put ``guest`` through one run (see :mod:`balloonlab.experiments.compare`): QEMU's RSS
+    as it was read (``t_s`` from the first touch, ``rss`` bytes, ``step``), and the measures."""
     await guest.balloon.wait_for_stats(s.timeout_s)
     mover = _Mover(guest, mech, s)
     await mover.prepare()
@@ -135,6 +142,8 @@ async def run_once(guest: Guest, mech: Mechanism, s: CompareSettings, sampler: S
         return time.monotonic() - started
 
     def mark(detail: str) -> None:
+        rss.step = detail
+        rss.now()  # a reading as each step begins: the trace shows where steps start
         sampler.record_event(guest.name, "workload", None, f"compare: {detail}")
 
     mark("touch")
@@ -165,7 +174,11 @@ async def run_once(guest: Guest, mech: Mechanism, s: CompareSettings, sampler: S
     await work.free()
     retouch2_s = await touch()
     await work.free()
-    return {
+    mark("done")
+    touched = next(t for t, _, step in rss.trace if step == "touch")
+    trace = pd.DataFrame([(t - touched, value, step) for t, value, step in rss.trace if t >= touched],
+                         columns=["t_s", "rss", "step"])
+    return trace, {
         "touch_s": touch_s, "rss_peak_bytes": peak, "rss_after_free_bytes": after_free,
         "free_returned_bytes": free_returned, "free_return_s": free_return_s,
         "shrink_reached": reached, "shrink_guest_s": guest_s, "shrink_s": max(shrink_s, guest_s),
