@@ -246,8 +246,15 @@ def build_argv(spec: DomainSpec, *, qmp_socket: str, console_log: str, agent_soc
 def check_launch_inputs(spec: DomainSpec, binary: str) -> None:
     """Refuse a launch whose inputs are missing, before any process exists.
 
-    :raises LaunchError: the QEMU binary, kernel, initrd or a disk image is not there.
+    :raises LaunchError: the QEMU binary, kernel, initrd or a disk image is not there, or a
+        memory device balloonlab does not launch (checked here: :func:`build_argv` runs after
+        the runtime dir is claimed).
     """
+    for device in spec.memory_devices:
+        if device.model not in LAUNCHED_MODELS:
+            raise LaunchError(f"memory device model {device.model!r} of guest {spec.name} is not launched by "
+                              "balloonlab (it needs files or host support it does not set up); use "
+                              f"{' or '.join(LAUNCHED_MODELS)}")
     if shutil.which(binary) is None:
         raise LaunchError(f"QEMU binary {binary!r} not found: install it (Debian/Ubuntu: "
                           "apt-get install qemu-system-x86) or set <emulator> in the domain XML")

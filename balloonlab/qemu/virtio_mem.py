@@ -8,7 +8,10 @@ blocks until its ``size`` (plugged) equals it. ``query-memory-devices`` reports 
 (``id``, ``size``) as the plugged size moves. QEMU refuses a requested size that is not a
 multiple of the block size or above the backend's; balloonlab refuses them first, with what to
 ask for instead, and refuses a new resize while the guest is still following the last one
-(``wait=False`` then ``resize`` again) unless told to.
+(``wait=False`` then ``resize`` again) unless told to. A resize the guest does not follow
+within its timeout ends in :class:`VirtioMemNotFollowed`, which says whether the guest has a
+driver for the device at all (QEMU's ``x-query-virtio-status``: no ``DRIVER_OK`` means the
+guest's virtio_mem driver never took the device).
 """
 
 from __future__ import annotations
@@ -18,18 +21,31 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from balloonlab.model.errors import BalloonLabError
+from balloonlab.model.errors import BalloonLabError, CommandError
 from balloonlab.model.units import format_size, parse_size
 from balloonlab.qemu.transport import QMPEvent, QMPTransport
 
-__all__ = ["VirtioMem", "VirtioMemDevice", "VirtioMemError", "ResizeResult"]
+__all__ = ["VirtioMem", "VirtioMemDevice", "VirtioMemError", "VirtioMemNotFollowed", "ResizeResult"]
 
 #: The QMP event QEMU sends as a memory device's plugged size changes.
 SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"
+#: How QEMU names the virtio status bit a guest driver sets once it runs the device.
+_DRIVER_OK = "VIRTIO_CONFIG_S_DRIVER_OK"
 
 
 class VirtioMemError(BalloonLabError):
     """A virtio-mem request that cannot be right (the message says what to ask instead)."""
+
+
+class VirtioMemNotFollowed(VirtioMemError):
+    """The guest did not plug what was asked within the timeout.
+
+    :param result: the resize as far as it went (``result.reached`` is False).
+    """
+
+    def __init__(self, message: str, result: ResizeResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -117,10 +133,12 @@ class VirtioMem:
         :param requested: bytes or a size like ``"256M"``: a multiple of the device's block
             size, at most its backend's size.
         :param device: the device id (needed when the guest has several).
-        :param wait: wait until the guest plugged that much, or ``timeout_s`` passed.
+        :param wait: wait until the guest plugged that much (``timeout_s`` at most).
         :param force: resize even while the guest is still following an earlier resize.
         :raises VirtioMemError: a size that is not a multiple of the block, above the device's
             size, or a resize while one is in progress (without ``force``).
+        :raises VirtioMemNotFollowed: (with ``wait``) the guest had not plugged that much after
+            ``timeout_s``; the message says whether it has a driver for the device.
         """
         goal = parse_size(requested)
         before = await self.device(device)
@@ -134,6 +152,10 @@ class VirtioMem:
                                  f"{format_size(before.max_size)} (its memory backend); ask for at most that, or give "
                                  "the device a larger <size> in the domain XML")
         if not before.settled and not force:
+            if await self.driver_ready(before.id) is False:  # waiting would not help
+                raise VirtioMemError(f"virtio-mem device {before.id} has {format_size(before.requested)} asked and "
+                                     f"{format_size(before.size)} plugged, and the guest has no driver for it "
+                                     f"({self._no_driver_hint()}); pass force=True to change the request anyway")
             raise VirtioMemError(f"virtio-mem device {before.id} is still resizing (plugged {format_size(before.size)} "
                                  f"of the {format_size(before.requested)} asked): wait for it "
                                  "(virtio_mem.wait()) or pass force=True")
@@ -141,7 +163,39 @@ class VirtioMem:
         await self.monitor.execute("qom-set", {"path": f"/machine/peripheral/{before.id}",
                                                "property": "requested-size", "value": goal})
         after = await self.wait(before.id, timeout_s=timeout_s) if wait else await self.device(before.id)
-        return ResizeResult(before, after, time.monotonic() - started)
+        result = ResizeResult(before, after, time.monotonic() - started)
+        if wait and not result.reached:
+            raise VirtioMemNotFollowed(await self._not_followed(result), result)
+        return result
+
+    async def driver_ready(self, device_id: str) -> bool | None:
+        """True when the guest's driver runs the device (virtio ``DRIVER_OK``), False when it
+        does not, None when this QEMU cannot say (``x-query-virtio-status``, QEMU >= 7.2)."""
+        try:
+            reply = await self.monitor.execute("x-query-virtio-status",
+                                               {"path": f"/machine/peripheral/{device_id}/virtio-backend"})
+        except CommandError:  # an older QEMU, or a device it does not list: unknown
+            return None
+        statuses = reply.get("status", {}).get("statuses", []) if isinstance(reply, dict) else []
+        return any(str(status).startswith(_DRIVER_OK) for status in statuses)
+
+    @staticmethod
+    def _no_driver_hint() -> str:
+        return ("its virtio status lacks DRIVER_OK: load the virtio_mem module in the guest, or boot a kernel "
+                "with CONFIG_VIRTIO_MEM")
+
+    async def _not_followed(self, result: ResizeResult) -> str:
+        after = result.after
+        said = (f"virtio-mem device {after.id}: the guest did not follow the resize to {format_size(after.requested)}: "
+                f"it plugged {format_size(after.size)} (from {format_size(result.before.size)}) in "
+                f"{result.elapsed_s:.1f} s")
+        ready = await self.driver_ready(after.id)
+        if ready is False:
+            return f"{said}; the guest has no driver for the device ({self._no_driver_hint()})"
+        if ready and after.size > after.requested:
+            return (f"{said}; its driver could not unplug more: the guest uses that memory, or it is not "
+                    "movable (boot with memhp_default_state=online_movable)")
+        return f"{said}; give it longer (timeout_s) or see the guest's kernel log"
 
     async def wait(self, device: str | None = None, *, timeout_s: float = 60.0) -> VirtioMemDevice:
         """Wait until the guest plugged what was asked of ``device`` (or ``timeout_s``
