@@ -264,3 +264,49 @@ def test_argv_boots_on_real_qemu(machine: str, model: str) -> None:
             proc.kill()  # our own child, by its pid
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- memory: -m, -numa, memory devices
+
+def _lines(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_virtio_mem_builtin_argv_as_libvirt_writes_it() -> None:
+    spec = builtin_domain(name="g", kernel="/k", initrd="/i", cmdline="", memory="384M", vcpus=2,
+                          virtio_mem=("256M", "128M"))
+    argv = _tcg_argv(spec)
+    # boot memory = the NUMA cell; maxmem = memory + device rounded up to a GiB; 1 slot
+    assert _option(argv, "-m") == memory_option(spec) == "size=393216k,slots=1,maxmem=1048576k"
+    assert _lines(argv, "-numa") == ["node,nodeid=0,cpus=0-1,memdev=ram-node0"]
+    objects = [json.loads(o) for o in _lines(argv, "-object")]
+    assert objects == [{"qom-type": "memory-backend-ram", "id": "ram-node0", "size": 384 << 20},
+                       {"qom-type": "memory-backend-ram", "id": "memvirtiomem0", "reserve": False, "size": 256 << 20}]
+    devices = [json.loads(d) for d in _lines(argv, "-device")]
+    assert devices[0] == {"driver": "virtio-mem-pci", "node": 0, "block-size": 2 << 20, "requested-size": 128 << 20,
+                          "memdev": "memvirtiomem0", "id": "virtiomem0"}
+
+
+def test_requested_zero_and_sizes_rounded_like_libvirt() -> None:
+    spec = builtin_domain(name="g", kernel="/k", initrd="/i", cmdline="", memory="100M", virtio_mem="64M")
+    device = json.loads(_lines(_tcg_argv(spec), "-device")[0])
+    assert "requested-size" not in device  # libvirt leaves a size of 0 out
+    odd = with_changes(spec, numa_cells=(dataclasses.replace(spec.numa_cells[0], memory_bytes=(100 << 20) + 1024),))
+    assert memory_option(odd).startswith("size=103424k,")  # each cell rounded up to a MiB
+
+
+def test_dimm_slots_and_aliases_follow_libvirt() -> None:
+    from balloonlab.domain import MemoryDeviceSpec
+    from balloonlab.qemu.memory_argv import memory_device, memory_device_aliases
+    spec = builtin_domain(name="g", kernel="/k", initrd="/i", cmdline="", memory="256M", virtio_mem="64M")
+    devices = (MemoryDeviceSpec("dimm", 64 << 20, node=0, address=AddressSpec("dimm", slot=0)),
+               MemoryDeviceSpec("dimm", (64 << 20) + 1024, node=0), spec.memory_devices[0],
+               MemoryDeviceSpec("virtio-mem", 64 << 20, node=0, block_bytes=2 << 20, alias="virtiomem4"),
+               MemoryDeviceSpec("virtio-mem", 64 << 20, node=0, block_bytes=2 << 20))
+    many = with_changes(spec, memory_devices=devices, memory_slots=2, max_memory_bytes=2 << 30,
+                        memory_bytes=spec.memory_bytes + (256 << 20) + 1024)
+    # libvirt numbers an alias-less virtio-mem one past the highest virtiomem<N> of the domain
+    assert memory_device_aliases(many) == ("dimm0", "dimm1", "virtiomem5", "virtiomem4", "virtiomem6")
+    assert memory_device(many, 1) == {"driver": "pc-dimm", "node": 0, "memdev": "memdimm1", "id": "dimm1", "slot": 1}
+    sizes = [json.loads(o)["size"] for o in _lines(_tcg_argv(many), "-object")][1:]
+    assert sizes[1] == 66 << 20  # a device size is rounded up to 2 MiB
