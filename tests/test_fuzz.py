@@ -626,3 +626,35 @@ def test_deeply_nested_reply_is_a_value_error_not_a_recursion_error(reply: objec
     _, error = _attempt("parse_guest_stats", "deeply nested", lambda: parse_guest_stats(reply),  # type: ignore[arg-type]
                         (ValueError,))
     assert isinstance(error, ValueError) and "[[[" in str(error)
+
+
+# ---------------------------------------------------------------------------- virtio-mem targets (issue 13)
+
+_KIB_SIZES = st.sampled_from([0, 1, 1024, 2048, 3072, 4096, 65536, 131072, 262144, 262145, 524288])
+
+
+@settings(FUZZ, max_examples=300)
+@given(size=_KIB_SIZES.filter(bool), block=st.none() | _KIB_SIZES, requested=st.none() | _KIB_SIZES,
+       max_memory=st.booleans())
+def test_virtio_mem_target_is_refused_exactly_when_libvirt_would(size: int, block: int | None,
+                                                                 requested: int | None, max_memory: bool) -> None:
+    target = f"<size unit='KiB'>{size}</size><node>0</node>"
+    target += f"<block unit='KiB'>{block}</block>" if block is not None else ""
+    target += f"<requested unit='KiB'>{requested}</requested>" if requested is not None else ""
+    text = ("<domain type='qemu'><name>g</name>"
+            + ("<maxMemory slots='1' unit='GiB'>4</maxMemory>" if max_memory else "")
+            + f"<memory unit='KiB'>{262144 + size}</memory><vcpu>1</vcpu><cpu><numa>"
+            "<cell id='0' cpus='0' memory='262144' unit='KiB'/></numa></cpu>"
+            f"<devices><memory model='virtio-mem'><target>{target}</target></memory></devices></domain>")
+    b, r = block or 0, requested or 0
+    valid = (max_memory and b >= 2048 and b & (b - 1) == 0 and r <= size and r % b == 0 and size % b == 0)
+    try:
+        spec = parse_domain_xml(text)
+    except DomainXMLError as error:
+        assert not valid, error
+        return
+    assert valid
+    assert (spec.memory_devices[0].block_bytes, spec.memory_devices[0].requested_bytes) == (
+        b * 1024, None if requested is None else r * 1024)
+    again = parse_domain_xml(render_domain_xml(spec))
+    assert dataclasses.replace(again, xml="") == dataclasses.replace(spec, xml="")
