@@ -14,7 +14,7 @@ import pytest
 
 import balloonlab.analysis.accessor  # noqa: F401  (registers df.balloon)
 from balloonlab.analysis import memory_held_vs_available, retouch_cost, step_response, summary
-from balloonlab.model.schema import STAT_NAMES
+from balloonlab.model.schema import HOST_COLUMNS, STAT_NAMES
 from balloonlab.model.stats import BalloonStats, libvirt_view
 from balloonlab.record.buffer import event_buffer, sample_buffer
 
@@ -72,7 +72,7 @@ def test_frames_come_from_the_sampler_buffer_with_its_dtypes():
     assert list(samples.columns[:2]) == ["guest", "last_update"]
     assert list(samples.columns[2:2 + len(STAT_NAMES)]) == list(STAT_NAMES)
     assert list(samples.columns[2 + len(STAT_NAMES):]) == ["actual", "target", "period_s", "rss", "age_s",
-                                                           "reset", "unknown_stat"]
+                                                           "reset", *HOST_COLUMNS, "unknown_stat"]
     assert samples.index.tolist() == [at(0), at(1.5)] and samples.index.name == "time"
     assert list(samples["guest"].cat.categories) == ["a", "b"] and samples["guest"].tolist() == ["b", "a"]
     assert samples["last_update"].iloc[0] == T0 and pd.isna(samples["last_update"].iloc[1])

@@ -15,6 +15,7 @@ from balloonlab.blocking.balloon import SyncBalloon, SyncWorkload
 from balloonlab.blocking.loop import run
 from balloonlab.domain import DomainSpec
 from balloonlab.model.guest import GuestBase
+from balloonlab.model.procfs import HostMemory
 from balloonlab.model.stats import BalloonStats
 from balloonlab.qemu.guest import Guest
 
@@ -76,6 +77,10 @@ class SyncGuestBase(Generic[G]):
     def rss_bytes(self) -> int | None:
         """Host RSS of QEMU, bytes."""
         return self.aio.rss_bytes()
+
+    def host_memory(self) -> HostMemory | None:
+        """QEMU's memory as the host sees it (:meth:`~balloonlab.model.guest.GuestBase.host_memory`)."""
+        return self.aio.host_memory()
 
     def status(self) -> str:
         """QEMU's run state."""

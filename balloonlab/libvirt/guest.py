@@ -26,8 +26,9 @@ from balloonlab.libvirt.link import DomainLink, StatsVia, is_local_qemu, open_li
 from balloonlab.model.deadline import Deadline, wait_until
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
 from balloonlab.model.guest import GuestBase, rollback
-from balloonlab.model.procfs import process_args, process_rss_bytes
+from balloonlab.model.procfs import HostLayout, process_args
 from balloonlab.model.protocols import Origin
+from balloonlab.qemu.host_memory import host_layout
 
 __all__ = ["DEFAULT_URI", "LibvirtGuest", "agent_root"]
 
@@ -194,10 +195,19 @@ class LibvirtGuest(GuestBase):
         return next((s.path for s in self.spec.serials if s.port == 1 and s.type == "unix"), None)
 
     def rss_bytes(self) -> int | None:
-        """Host RSS of QEMU: from /proc when local, else libvirt's last reported ``rss``."""
+        """Host RSS of QEMU: from /proc when local (a kept-open /proc/PID/stat), else libvirt's
+        last reported ``rss``."""
         if self.pid is not None:
-            return process_rss_bytes(self.pid)
+            return super().rss_bytes()
         return self.balloon.last_rss
+
+    async def _host_layout(self, previous: HostLayout | None) -> HostLayout | None:
+        """Guest RAM blocks and the TCG buffer of a local domain's QEMU, asked through QMP
+        passthrough (the same commands as the QEMU backend's); None without passthrough
+        (``stats_via="libvirt"``: host_memory() then has the rollup, not the split)."""
+        if self.pid is None or self.link.via != "qmp":
+            return None
+        return await host_layout(self.link, self.pid, previous)
 
     async def metadata(self) -> dict[str, object]:
         """What a run records about this guest: URI, live domain XML, versions, stats path."""
@@ -236,6 +246,7 @@ class LibvirtGuest(GuestBase):
         """
         if self._closed:
             return True
+        self._close_host_view()
         if self._workload is not None:
             await self._workload.close()
         graceful = await _destroy(self.link, self.link.dom, undefine=undefine, timeout_s=timeout_s, pid=self.pid)
@@ -270,6 +281,7 @@ class LibvirtGuest(GuestBase):
         self._workload = workload
 
     async def _disconnect(self) -> None:
+        self._close_host_view()
         if self._workload is not None:
             await self._workload.close()
         await self.link.close()

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Self
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Literal, Self
 
 from balloonlab.model.balloon import BalloonBase
 from balloonlab.model.errors import BalloonLabError, BalloonLabWarning, BalloonNotFound, CommandError, LaunchError
+from balloonlab.model.procfs import HostLayout, HostMemory, HostMemoryReader, ProcessStat
 from balloonlab.model.protocols import AgentProtocol, GuestProtocol, Origin
 from balloonlab.model.stats import BalloonStats, libvirt_view
 
 log = logging.getLogger(__name__)
+#: What :meth:`GuestBase.host_memory` reads: ``"split"`` (smaps_rollup and guest RAM / TCG /
+#: other), ``"rollup"`` (smaps_rollup only) or ``"off"`` (nothing: None).
+HostView = Literal["split", "rollup", "off"]
+#: How often a guest asks QEMU again whether its memory backends changed (one QMP command):
+#: a backend hot-added later joins the split within this long (until then it counts as other).
+LAYOUT_RECHECK_S = 60.0
 
 
 class GuestBase(abc.ABC):
@@ -32,6 +41,10 @@ class GuestBase(abc.ABC):
     backend = "qmp"
     balloon: BalloonBase
     origin: Origin
+    #: The QEMU process on this host, when known (the backends set it).
+    pid: int | None = None
+    #: What :meth:`host_memory` reads (see :data:`HostView`); set it per guest.
+    host_view: HostView = "split"
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -43,6 +56,14 @@ class GuestBase(abc.ABC):
         # Guests are built inside their backend's async constructors: this is the loop their
         # connections (QMP client, agent socket, libvirt callbacks) are bound to.
         self.loop: asyncio.AbstractEventLoop | None = _running_loop()
+        self._stat = ProcessStat()  # /proc/PID/stat kept open for rss
+        self._host = HostMemoryReader()  # smaps_rollup and pagemap kept open for host_memory()
+        #: Where QEMU keeps guest RAM and the TCG buffer, once found (see :meth:`host_memory`).
+        self.host_layout: HostLayout | None = None
+        #: Why the layout could not be found, if it could not.
+        self.host_layout_error: str | None = None
+        self._layout_job: asyncio.Future[None] | concurrent.futures.Future[None] | None = None
+        self._layout_due = 0.0
 
     @property
     def workload(self) -> AgentProtocol:
@@ -70,9 +91,68 @@ class GuestBase(abc.ABC):
     def detached(self) -> bool:
         """True when :meth:`close` leaves the guest running."""
 
-    @abc.abstractmethod
     def rss_bytes(self) -> int | None:
-        """Host RSS of the QEMU process (libvirt's ``rss``), when known."""
+        """Host RSS of the QEMU process (libvirt's ``rss``), when its pid is known."""
+        return self._stat.rss_bytes(self.pid)
+
+    def host_memory(self) -> HostMemory | None:
+        """QEMU's memory as the host sees it now; None when its process is not on this host.
+
+        One ``pread`` of a kept-open ``/proc/PID/smaps_rollup`` (every field, bytes) and, once
+        the guest's RAM blocks and TCG buffer are known (:attr:`host_layout`), one
+        ``PAGEMAP_SCAN`` per range for the split into guest RAM, TCG buffer and the rest
+        (see :mod:`balloonlab.model.procfs` for what each read costs). The layout is asked of
+        QEMU in the background at the first call and checked again every
+        :data:`LAYOUT_RECHECK_S` (the split is NA until it is known, and stays NA when the
+        backend cannot tell, e.g. libvirt without QMP passthrough). :attr:`host_view` chooses
+        how much is read. Not a coroutine: the sampler calls it with each sample.
+        """
+        pid = self.pid
+        if pid is None or self.host_view == "off":
+            return None
+        return self._host.read(pid, self._layout_of(pid) if self.host_view == "split" else None)
+
+    async def _host_layout(self, previous: HostLayout | None) -> HostLayout | None:
+        """Where this guest's QEMU keeps guest RAM and the TCG buffer (None: this backend
+        cannot tell); ``previous`` may be returned when nothing changed."""
+        return None
+
+    def _layout_of(self, pid: int) -> HostLayout | None:
+        """The known layout of ``pid``; starts a lookup when none runs and one is due."""
+        job = self._layout_job
+        if (job is None or job.done()) and time.monotonic() >= self._layout_due and self.alive:
+            self._layout_due = time.monotonic() + LAYOUT_RECHECK_S
+            self._layout_job = self._in_background(self._learn_layout())
+        layout = self.host_layout
+        return layout if layout is not None and layout.pid == pid else None
+
+    async def _learn_layout(self) -> None:
+        try:
+            self.host_layout = await self._host_layout(self.host_layout)
+            self.host_layout_error = None
+        except (BalloonLabError, OSError, ValueError, KeyError, TypeError) as exc:
+            if self.host_layout_error is None:
+                log.info("%s: guest RAM not found in QEMU's address space: %s", self.name, exc)
+            self.host_layout_error = f"{type(exc).__name__}: {exc}"
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]
+                       ) -> asyncio.Future[None] | concurrent.futures.Future[None] | None:
+        """Run ``coro`` on this guest's loop without waiting (from its loop or any thread)."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            return None
+        if _running_loop() is loop:
+            return loop.create_task(coro, name=f"balloonlab-host-layout-{self.name}")
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def _close_host_view(self) -> None:
+        """Close the /proc files kept open and stop a layout lookup still running."""
+        self._stat.close()
+        self._host.close()
+        job, self._layout_job = self._layout_job, None
+        if job is not None and not job.done():
+            job.cancel()
 
     @abc.abstractmethod
     async def metadata(self) -> dict[str, Any]:

@@ -94,11 +94,28 @@ LIBVIRT_ROWS: tuple[tuple[str, str, int], ...] = _libvirt_rows()
 #: libvirt dommemstat name -> (balloonlab source name, factor back to bytes or counts).
 FROM_LIBVIRT: dict[str, tuple[str, int]] = {name: (source, divisor) for name, source, divisor in LIBVIRT_ROWS}
 
+# -- The host's view of each QEMU (issue 13 item 3; model.procfs.HostMemory) -------------------
+#: Sample columns read from ``/proc/PID/smaps_rollup`` of the guest's QEMU with each sample:
+#: column -> the kernel's field. Bytes; NA where the host cannot see the process (a remote
+#: libvirt guest, an attached QEMU whose pid is unknown). ``host_rss`` is the page-table walk's
+#: exact count at the same read as the split below; ``rss`` stays libvirt's number (the
+#: kernel's per-process counters, read from /proc/PID/stat).
+HOST_ROLLUP: dict[str, str] = {"host_rss": "Rss", "host_pss": "Pss", "host_anon": "Anonymous", "host_swap": "Swap"}
+#: Sample columns splitting ``host_rss`` by mapping (bytes; NA until the guest's RAM blocks are
+#: found): ``host_ram_size`` guest RAM mapped (every memory backend's size, resident or not),
+#: ``host_guest_ram`` resident inside it, ``host_tcg`` resident in the TCG translation buffer
+#: (0 under KVM), ``host_other`` the rest of ``host_rss`` (heap, libraries, ROMs, device memory).
+HOST_SPLIT: tuple[str, ...] = ("host_ram_size", "host_guest_ram", "host_tcg", "host_other")
+#: Every host column, in frame order.
+HOST_COLUMNS: tuple[str, ...] = (*HOST_ROLLUP, *HOST_SPLIT)
+# -- end of the host's view ------------------------------------------------------------------
+
 #: Columns every samples frame has before the stats, and after them (frame order).
 SampleKind = Literal["int", "float", "bool", "category", "str", "epoch_s"]
 SAMPLE_HEAD: dict[str, SampleKind] = {"guest": "category", "last_update": "epoch_s"}
 SAMPLE_TAIL: dict[str, SampleKind] = {
     "actual": "int", "target": "int", "period_s": "int", "rss": "int", "age_s": "float", "reset": "bool",
+    **dict.fromkeys(HOST_COLUMNS, "int"),  # the host's view (HOST_COLUMNS above)
 }
 #: Columns of the events frame.
 EVENT_COLUMNS: dict[str, SampleKind] = {

@@ -30,11 +30,12 @@ from balloonlab.image.kernel import kernel_release
 from balloonlab.model.deadline import Deadline, WaitAborted, wait_until
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
 from balloonlab.model.guest import GuestBase, rollback
-from balloonlab.model.procfs import ProcessStat
+from balloonlab.model.procfs import HostLayout
 from balloonlab.model.protocols import Origin
 from balloonlab.qemu import registry as runtime
 from balloonlab.qemu.argv import build_argv, check_launch_inputs, qemu_binary_for, resolve_accel
 from balloonlab.qemu.balloon import Balloon
+from balloonlab.qemu.host_memory import host_layout
 from balloonlab.qemu.virtio_mem import VirtioMem
 from balloonlab.qemu.monitor import Monitor
 from balloonlab.qemu.reaper import KILL_WAIT_S, Reaper, kill_and_reap
@@ -69,7 +70,6 @@ class Guest(GuestBase):
         self._process = process
         self._reaper = reaper
         self._closed = False
-        self._stat = ProcessStat()  # /proc/PID/stat kept open for rss
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -257,9 +257,9 @@ class Guest(GuestBase):
             return runtime.pid_is_guest(self.pid, str(self.paths.dir))
         return self.monitor.connected
 
-    def rss_bytes(self) -> int | None:
-        """Host RSS of the QEMU process (libvirt's ``rss``), when its pid is known."""
-        return self._stat.rss_bytes(self.pid)
+    async def _host_layout(self, previous: HostLayout | None) -> HostLayout | None:
+        """Guest RAM blocks and the TCG buffer, asked of QEMU (:func:`~balloonlab.qemu.host_memory.host_layout`)."""
+        return await host_layout(self.monitor, self.pid, previous) if self.pid is not None else None
 
     # -- ownership and shutdown -----------------------------------------------------------
     async def detach(self) -> None:
@@ -359,7 +359,7 @@ class Guest(GuestBase):
         return await wait_until(lambda: not self.monitor.connected, timeout_s)
 
     async def _disconnect(self) -> None:
-        self._stat.close()
+        self._close_host_view()
         if self._workload is not None:
             await self._workload.close()
         await self.monitor.close()

@@ -357,6 +357,12 @@ class Sampler:
         row.update(guest=guest.name, last_update=record.last_update, actual=record.actual if record.actual is not None
                    else guest.balloon.actual, target=guest.balloon.target, period_s=period,
                    rss=guest.rss_bytes(), age_s=record.age_s, reset=record.reset)
+        # -- the host's view (model.schema.HOST_COLUMNS): one smaps_rollup pread and a
+        # PAGEMAP_SCAN per guest RAM block and TCG range, read now (the stats are the report's)
+        host = guest.host_memory()
+        if host is not None:
+            row.update(host.columns())
+        # -- end of the host's view
         self._samples.append(int(at * 1e9), row)
 
     def _mark_dead(self, guest: GuestProtocol, state: SamplingState, kind: str, why: str, *,
