@@ -14,7 +14,7 @@ import pytest
 
 import balloonlab.analysis.accessor  # noqa: F401  (registers df.balloon)
 from balloonlab.analysis import memory_held_vs_available, retouch_cost, step_response, summary
-from balloonlab.model.schema import HOST_COLUMNS, STAT_NAMES
+from balloonlab.model.schema import HOST_COLUMNS, STAT_NAMES, VMEM_COLUMNS
 from balloonlab.model.stats import BalloonStats, libvirt_view
 from balloonlab.record.buffer import event_buffer, sample_buffer
 
@@ -72,7 +72,7 @@ def test_frames_come_from_the_sampler_buffer_with_its_dtypes():
     assert list(samples.columns[:2]) == ["guest", "last_update"]
     assert list(samples.columns[2:2 + len(STAT_NAMES)]) == list(STAT_NAMES)
     assert list(samples.columns[2 + len(STAT_NAMES):]) == ["actual", "target", "period_s", "rss", "age_s",
-                                                           "reset", *HOST_COLUMNS, "unknown_stat"]
+                                                           "reset", *HOST_COLUMNS, *VMEM_COLUMNS, "unknown_stat"]
     assert samples.index.tolist() == [at(0), at(1.5)] and samples.index.name == "time"
     assert list(samples["guest"].cat.categories) == ["a", "b"] and samples["guest"].tolist() == ["b", "a"]
     assert samples["last_update"].iloc[0] == T0 and pd.isna(samples["last_update"].iloc[1])
@@ -313,3 +313,66 @@ def test_summary_per_guest():
     assert a["min_actual"] == 256 * MiB and a["max_actual"] == 512 * MiB
     assert math.isclose(a["median_age_s"], 0.5) and a["events"] == 2 and a["errors"] == 1
     assert table.loc["b", "samples"] == 1 and pd.isna(table.loc["b", "min_actual"])
+
+
+# -- attribution: where every byte is (analysis.attribution) ----------------------------------
+
+def _host(rss: int, guest_ram: int, tcg: int, ram_size: int) -> dict:
+    """Host columns as HostMemory.columns() writes them (host_other = the rest of the rollup's Rss)."""
+    return {"host_rss": rss, "host_guest_ram": guest_ram, "host_tcg": tcg, "host_other": rss - guest_ram - tcg,
+            "host_ram_size": ram_size}
+
+
+def test_attribution_bands_are_what_their_definitions_say_and_sum_to_memory_ram_size_and_rss():
+    from balloonlab.analysis.attribution import BANDS, RESIDENT, attribution
+    rows = [
+        # 512 MiB guest, no balloon: MemTotal 480 (32 reserved), 300 free, 50 cache -> 130 used;
+        # 260 resident: 212 known (used + cache + reserved), 48 free but resident
+        {"t": 0, "guest": "a", "lu": 0, "actual": 512 * MiB, "target": 512 * MiB, "total_memory": 480 * MiB,
+         "free_memory": 300 * MiB, "disk_caches": 50 * MiB, **_host(360 * MiB, 260 * MiB, 40 * MiB, 512 * MiB)},
+        # ballooned to 384: MemTotal 352, 180 free, 40 cache -> 132 used; only 150 resident (host swap?):
+        # nothing free is resident and the gap is negative
+        {"t": 1, "guest": "a", "lu": 1, "actual": 384 * MiB, "target": 384 * MiB, "total_memory": 352 * MiB,
+         "free_memory": 180 * MiB, "disk_caches": 40 * MiB, **_host(250 * MiB, 150 * MiB, 40 * MiB, 512 * MiB)},
+        # virtio-mem: 256 boot + 96 of a 256 MiB device plugged (requested 128); MemTotal 320
+        {"t": 2, "guest": "b", "lu": 2, "actual": 256 * MiB, "target": 256 * MiB, "total_memory": 320 * MiB,
+         "free_memory": 200 * MiB, "disk_caches": 20 * MiB, "vmem_size": 96 * MiB, "vmem_requested": 128 * MiB,
+         "vmem_max_size": 256 * MiB, **_host(200 * MiB, 150 * MiB, 30 * MiB, 512 * MiB)},
+    ]
+    a = attribution(samples_frame(rows))
+    mib = {name: [None if pd.isna(v) else v // MiB for v in a[name]] for name in a.columns if name != "guest"}
+    assert mib["guest_used"] == [130, 132, 100] and mib["guest_cache"] == [50, 40, 20]
+    assert mib["guest_reserved"] == [32, 32, 32] and mib["memory"] == [512, 384, 352]
+    assert mib["guest_free_resident"] == [48, 0, 0] and mib["guest_free_unbacked"] == [252, 180, 200]
+    assert mib["ballooned"] == [0, 128, 0] and mib["vmem_unplugged"] == [0, 0, 160]
+    assert mib["vmm_tcg"] == [40, 40, 30] and mib["vmm_other"] == [60, 60, 20]
+    assert mib["resident_gap"] == [0, -54, -2] and mib["vmem_requested"] == [0, 0, 128]
+    guest_side = sum(a[n] for n in list(BANDS)[2:7])
+    assert (guest_side == a["memory"]).all()
+    assert (guest_side + a["ballooned"] + a["vmem_unplugged"] == a["ram_size"]).all()
+    assert (sum(a[n] for n in RESIDENT) + a["resident_gap"] == a["host_rss"]).all()
+
+
+def test_attribution_without_the_host_view_has_na_host_bands_and_takes_ram_size_when_given():
+    from balloonlab.analysis.attribution import attribution
+    rows = [{"t": 0, "guest": "remote", "lu": 0, "actual": 384 * MiB, "target": 384 * MiB,
+             "total_memory": 352 * MiB, "free_memory": 200 * MiB, "disk_caches": 30 * MiB}]
+    frame = samples_frame(rows)
+    a = attribution(frame)
+    for name in ("vmm_tcg", "vmm_other", "guest_free_resident", "host_rss", "resident_gap", "ballooned"):
+        assert pd.isna(a[name].iloc[0]), name
+    assert a["guest_used"].iloc[0] == 122 * MiB and a["vmem_unplugged"].iloc[0] == 0  # guest side still known
+    given = frame.balloon.attribution(ram_size={"remote": 512 * MiB})
+    assert given["ballooned"].iloc[0] == 128 * MiB and given["ram_size"].iloc[0] == 512 * MiB
+    assert pd.isna(given["vmm_tcg"].iloc[0])
+
+
+def test_free_resident_is_capped_by_memfree_and_the_rest_is_gap():
+    """A report older than a move: 100 MiB more resident than the guest's used + cache + reserved
+    + MemFree explains: free_resident stops at MemFree and the excess shows as a positive gap."""
+    from balloonlab.analysis.attribution import attribution
+    rows = [{"t": 0, "guest": "a", "lu": 0, "actual": 256 * MiB, "target": 256 * MiB, "total_memory": 256 * MiB,
+             "free_memory": 20 * MiB, "disk_caches": 10 * MiB, **_host(400 * MiB, 356 * MiB, 30 * MiB, 256 * MiB)}]
+    a = attribution(samples_frame(rows))
+    assert a["guest_free_resident"].iloc[0] == 20 * MiB and a["guest_free_unbacked"].iloc[0] == 0
+    assert a["resident_gap"].iloc[0] == 100 * MiB

@@ -103,3 +103,50 @@ def test_save_run_plot_adds_the_pressure_plot_when_the_run_has_reclaim_counters(
     pressure = tmp_path / "plot-pressure.png"
     assert path.read_bytes()[:8] == pressure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pressure.stat().st_size > 10_000
+
+
+def host_run(seconds: int = 20) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The run of :func:`run` with the host's view of guest a (b is remote: no host columns)."""
+    samples, events = run(seconds)
+    a = (samples["guest"] == "a").to_numpy()
+    held = samples.loc[a, "rss"] - 300 * MiB
+    samples.loc[a, "host_tcg"] = 40 * MiB
+    samples.loc[a, "host_guest_ram"] = 200 * MiB + held
+    samples.loc[a, "host_other"] = 60 * MiB
+    samples.loc[a, "host_rss"] = 300 * MiB + held
+    samples.loc[a, "host_ram_size"] = 512 * MiB
+    return samples, events
+
+
+def test_plot_attribution_stacks_every_band_per_guest_and_redraws_in_place():
+    from balloonlab.analysis.attribution import BANDS, attribution
+    from balloonlab.analysis.attribution_plot import plot_attribution, update_attribution_plot
+    samples, events = host_run()
+    fig = samples.balloon.plot_attribution(events)
+    assert isinstance(fig, Figure) and [ax.get_title(loc="left") for ax in fig.axes] == ["a", "b"]
+    polys = {c.get_gid(): c for c in fig.axes[0].collections if c.get_gid()}
+    assert set(polys) == {f"attribution:{name}" for name in BANDS}
+    # the top of the stack of guest a at its last sample is ram_size + VMM, in MiB
+    top = max(p.get_paths()[0].vertices[:, 1].max() for p in polys.values())
+    assert top == pytest.approx((512 + 40 + 60), abs=0.5)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    a = attribution(samples[samples["guest"] == "a"])
+    assert list(lines["QEMU RSS (smaps_rollup)"].get_ydata()) == pytest.approx(list(a["host_rss"] / MiB))
+    assert any("no host view" in t.get_text() for t in fig.axes[1].texts)  # b: guest side only, said so
+    kept = fig._balloonlab_attribution
+    assert kept.points == {"a": 20, "b": 20}
+    more, _ = host_run(25)
+    update_attribution_plot(fig, more, events, draw=False)
+    assert kept.points == {"a": 25, "b": 25}
+    with pytest.raises(ValueError, match="plot_attribution"):
+        update_attribution_plot(plot_memory(samples), samples)
+    assert plot_attribution(samples.iloc[:0]).axes  # an empty run still draws (no guests)
+
+
+def test_save_run_plot_adds_the_attribution_plot_only_when_the_host_saw_a_guest(tmp_path):
+    samples, events = host_run()
+    save_run_plot(samples, events, tmp_path / "plot.png")
+    assert (tmp_path / "plot-attribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    remote, _ = run()
+    save_run_plot(remote, events, tmp_path / "remote" / "plot.png")
+    assert not (tmp_path / "remote" / "plot-attribution.png").exists()

@@ -7,17 +7,21 @@ Importing this module registers ``DataFrame.balloon`` on any samples frame (inde
 their disagreement is visible rather than guessed away, :meth:`BalloonAccessor.rates`
 turns cumulative counters into per-second rates that never go negative across a reset,
 :meth:`BalloonAccessor.pressure` classifies memory pressure per window from Linux 6.12's
-reclaim counters (:func:`balloonlab.analysis.pressure.classify_pressure`), and
-:meth:`BalloonAccessor.plot` / :meth:`BalloonAccessor.plot_pressure` draw them.
+reclaim counters (:func:`balloonlab.analysis.pressure.classify_pressure`),
+:meth:`BalloonAccessor.attribution` says where every byte is, host side and guest side
+(:func:`balloonlab.analysis.attribution.attribution`), and :meth:`BalloonAccessor.plot`,
+:meth:`BalloonAccessor.plot_pressure` and :meth:`BalloonAccessor.plot_attribution` draw them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from balloonlab.analysis.attribution import attribution
 from balloonlab.analysis.measures import EPOCH, column, conform, guest_names, seconds
 from balloonlab.analysis.pressure import PressureThresholds, Window, classify_pressure
 from balloonlab.model.schema import LIBVIRT_ROWS, STATS
@@ -190,6 +194,25 @@ class BalloonAccessor:
         """
         from balloonlab.analysis.pressure_plot import plot_pressure
         return plot_pressure(self.pressure(window, thresholds), **kw)
+
+    def attribution(self, ram_size: int | Mapping[str, int] | None = None) -> pd.DataFrame:
+        """Each sample's memory by where it is: VMM (TCG buffer, other), guest used, page cache,
+        reserved, free but still resident on the host, free and not resident, ballooned out,
+        virtio-mem unplugged (:func:`balloonlab.analysis.attribution.attribution`, bytes).
+
+        :param ram_size: the guest's RAM size where the host columns do not give it.
+        """
+        return attribution(self._frame, ram_size=ram_size)
+
+    def plot_attribution(self, events: pd.DataFrame | None = None, **kw: Any) -> Figure:
+        """:meth:`attribution` stacked over time by
+        :func:`balloonlab.analysis.attribution_plot.plot_attribution`.
+
+        :param events: the events frame, for the markers.
+        :param kw: passed on (``guests=``, ``window=``, ``ram_size=``, ``fig=``).
+        """
+        from balloonlab.analysis.attribution_plot import plot_attribution
+        return plot_attribution(self._frame, events, **kw)
 
     def per_guest(self) -> dict[str, pd.DataFrame]:
         """The frame split by guest, each part in time order: ``{name: frame}``."""

@@ -307,12 +307,21 @@ def pressure_plot_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}-pressure{path.suffix}")
 
 
+def attribution_plot_path(path: str | Path) -> Path:
+    """Where :func:`save_run_plot` puts the attribution plot beside ``path`` (``plot-attribution.png``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-attribution{path.suffix}")
+
+
 def save_run_plot(samples: pd.DataFrame, events: pd.DataFrame | None, path: str | Path) -> Path:
     """Write :func:`plot_memory` of a whole run to ``path`` as a PNG (110 dpi, tight box).
 
     When the run has the reclaim counters of QEMU >= 9.2 with Linux >= 6.12 (any guest), the
     pressure regimes and reclaim rates (:func:`~balloonlab.analysis.pressure_plot.plot_pressure`)
-    go beside it, at :func:`pressure_plot_path`.
+    go beside it, at :func:`pressure_plot_path`. When the host saw a guest's QEMU (the host
+    columns, any guest), its memory attribution
+    (:func:`~balloonlab.analysis.attribution_plot.plot_attribution`) goes beside it too, at
+    :func:`attribution_plot_path`.
 
     :param samples: the samples frame.
     :param events: the events frame (or None).
@@ -327,4 +336,8 @@ def save_run_plot(samples: pd.DataFrame, events: pd.DataFrame | None, path: str 
         from balloonlab.analysis.pressure_plot import plot_pressure
         plot_pressure(classify_pressure(samples)).savefig(pressure_plot_path(path), format="png", dpi=110,
                                                           bbox_inches="tight")
+    if "host_rss" in samples and samples["host_rss"].notna().any():
+        from balloonlab.analysis.attribution_plot import plot_attribution
+        plot_attribution(samples, events).savefig(attribution_plot_path(path), format="png", dpi=110,
+                                                  bbox_inches="tight")
     return path

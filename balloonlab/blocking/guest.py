@@ -82,6 +82,10 @@ class SyncGuestBase(Generic[G]):
         """QEMU's memory as the host sees it (:meth:`~balloonlab.model.guest.GuestBase.host_memory`)."""
         return self.aio.host_memory()
 
+    def vmem_columns(self) -> dict[str, int]:
+        """The virtio-mem columns as last read (:meth:`~balloonlab.model.guest.GuestBase.vmem_columns`)."""
+        return self.aio.vmem_columns()
+
     def status(self) -> str:
         """QEMU's run state."""
         return run(self.aio.status())

@@ -25,10 +25,10 @@ from balloonlab.libvirt.files import agent_root, pid_is_domain, prepare_xml, qem
 from balloonlab.libvirt.link import DomainLink, StatsVia, is_local_qemu, open_link
 from balloonlab.model.deadline import Deadline, wait_until
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
-from balloonlab.model.guest import GuestBase, rollback
+from balloonlab.model.guest import GuestBase, VmemDevice, rollback
 from balloonlab.model.procfs import HostLayout, process_args
 from balloonlab.model.protocols import Origin
-from balloonlab.qemu.host_memory import host_layout
+from balloonlab.qemu.host_memory import host_layout, vmem_devices
 
 __all__ = ["DEFAULT_URI", "LibvirtGuest", "agent_root"]
 
@@ -208,6 +208,11 @@ class LibvirtGuest(GuestBase):
         if self.pid is None or self.link.via != "qmp":
             return None
         return await host_layout(self.link, self.pid, previous)
+
+    async def _vmem_devices(self) -> list[VmemDevice] | None:
+        """Its virtio-mem devices through QMP passthrough (local or not; None without it).
+        No size-change events here: read again every :data:`~balloonlab.model.guest.VMEM_RECHECK_S`."""
+        return await vmem_devices(self.link) if self.link.via == "qmp" else None
 
     async def metadata(self) -> dict[str, object]:
         """What a run records about this guest: URI, live domain XML, versions, stats path."""

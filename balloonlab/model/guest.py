@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Literal, Self
 
 from balloonlab.model.balloon import BalloonBase
@@ -31,6 +31,26 @@ HostView = Literal["split", "rollup", "off"]
 #: How often a guest asks QEMU again whether its memory backends changed (one QMP command):
 #: a backend hot-added later joins the split within this long (until then it counts as other).
 LAYOUT_RECHECK_S = 60.0
+#: How often a guest with virtio-mem reads its devices again although QEMU reported no size
+#: change: a requested size another QMP client set shows within this long.
+VMEM_RECHECK_S = 5.0
+#: A virtio-mem device as the sample columns need it: (QEMU id, plugged, requested, backend
+#: size), bytes.
+VmemDevice = tuple[str, int, int, int]
+
+
+def vmem_columns(devices: Sequence[VmemDevice]) -> dict[str, int]:
+    """The virtio-mem sample columns of ``devices`` (:data:`~balloonlab.model.schema.VMEM_COLUMNS`):
+    sums over every device, plus ``vmem_size.<id>`` and ``vmem_requested.<id>`` per device when
+    there are several; empty (NA in the frame) for none."""
+    if not devices:
+        return {}
+    row = {"vmem_size": sum(d[1] for d in devices), "vmem_requested": sum(d[2] for d in devices),
+           "vmem_max_size": sum(d[3] for d in devices)}
+    if len(devices) > 1:
+        for dev_id, size, requested, _ in devices:
+            row[f"vmem_size.{dev_id}"], row[f"vmem_requested.{dev_id}"] = size, requested
+    return row
 
 
 class GuestBase(abc.ABC):
@@ -64,6 +84,13 @@ class GuestBase(abc.ABC):
         self.host_layout_error: str | None = None
         self._layout_job: asyncio.Future[None] | concurrent.futures.Future[None] | None = None
         self._layout_due = 0.0
+        self._vmem: dict[str, int] = {}  # the virtio-mem columns last read (vmem_columns())
+        self._vmem_job: asyncio.Future[None] | concurrent.futures.Future[None] | None = None
+        self._vmem_due = 0.0
+        self._vmem_seen = -1  # _vmem_version() when the devices were last asked for
+        #: Grows with every virtio-mem size change the backend hears of (QEMU's
+        #: MEMORY_DEVICE_SIZE_CHANGE): a change makes the next sample ask for the devices again.
+        self._vmem_version: Callable[[], int] = lambda: 0
 
     @property
     def workload(self) -> AgentProtocol:
@@ -146,13 +173,48 @@ class GuestBase(abc.ABC):
             return loop.create_task(coro, name=f"balloonlab-host-layout-{self.name}")
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
+    def vmem_columns(self) -> dict[str, int]:
+        """The guest's virtio-mem devices as sample columns (:func:`vmem_columns`), as last read.
+
+        Not a coroutine and no QMP command per sample: the devices are asked for
+        (``query-memory-devices``, in the background) at the first call, again at the next
+        call after QEMU reported a size change, and every :data:`VMEM_RECHECK_S` (every
+        :data:`LAYOUT_RECHECK_S` for a guest that had none: one may be hot-plugged). Until the
+        first answer, and for a guest without virtio-mem, it is empty (NA columns).
+        """
+        version = self._vmem_version()
+        job = self._vmem_job
+        if ((job is None or job.done()) and (version != self._vmem_seen or time.monotonic() >= self._vmem_due)
+                and self.alive):
+            self._vmem_due = time.monotonic() + LAYOUT_RECHECK_S  # until the answer says more
+            self._vmem_job = self._in_background(self._learn_vmem(version))
+        return self._vmem
+
+    async def _vmem_devices(self) -> list[VmemDevice] | None:
+        """This guest's virtio-mem devices (None: this backend cannot ask)."""
+        return None
+
+    async def _learn_vmem(self, version: int) -> None:
+        try:
+            devices = await self._vmem_devices()
+        except (BalloonLabError, OSError, ValueError, KeyError, TypeError) as exc:
+            log.info("%s: virtio-mem devices not read: %s", self.name, exc)
+            return
+        self._vmem_seen = version
+        self._vmem = vmem_columns(devices or [])
+        if devices is None:
+            self._vmem_due = float("inf")
+        elif devices:
+            self._vmem_due = time.monotonic() + VMEM_RECHECK_S
+
     def _close_host_view(self) -> None:
-        """Close the /proc files kept open and stop a layout lookup still running."""
+        """Close the /proc files kept open and stop lookups still running."""
         self._stat.close()
         self._host.close()
-        job, self._layout_job = self._layout_job, None
-        if job is not None and not job.done():
-            job.cancel()
+        for job in (self._layout_job, self._vmem_job):
+            if job is not None and not job.done():
+                job.cancel()
+        self._layout_job = self._vmem_job = None
 
     @abc.abstractmethod
     async def metadata(self) -> dict[str, Any]:

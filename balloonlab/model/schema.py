@@ -100,7 +100,15 @@ FROM_LIBVIRT: dict[str, tuple[str, int]] = {name: (source, divisor) for name, so
 #: libvirt guest, an attached QEMU whose pid is unknown). ``host_rss`` is the page-table walk's
 #: exact count at the same read as the split below; ``rss`` stays libvirt's number (the
 #: kernel's per-process counters, read from /proc/PID/stat).
-HOST_ROLLUP: dict[str, str] = {"host_rss": "Rss", "host_pss": "Pss", "host_anon": "Anonymous", "host_swap": "Swap"}
+#: Besides the four named in the issue: ``host_anon_huge`` (anonymous memory in transparent huge
+#: pages: a huge page stays resident until all its 512 pages are free, which is why free page
+#: reporting returns less with THP), the proportional split of ``host_pss`` (anonymous, file,
+#: shmem), ``host_swap_pss`` and ``host_locked``. A kernel without a field leaves its column NA.
+HOST_ROLLUP: dict[str, str] = {
+    "host_rss": "Rss", "host_pss": "Pss", "host_anon": "Anonymous", "host_swap": "Swap",
+    "host_anon_huge": "AnonHugePages", "host_pss_anon": "Pss_Anon", "host_pss_file": "Pss_File",
+    "host_pss_shmem": "Pss_Shmem", "host_swap_pss": "SwapPss", "host_locked": "Locked",
+}
 #: Sample columns splitting ``host_rss`` by mapping (bytes; NA until the guest's RAM blocks are
 #: found): ``host_ram_size`` guest RAM mapped (every memory backend's size, resident or not),
 #: ``host_guest_ram`` resident inside it, ``host_tcg`` resident in the TCG translation buffer
@@ -108,6 +116,15 @@ HOST_ROLLUP: dict[str, str] = {"host_rss": "Rss", "host_pss": "Pss", "host_anon"
 HOST_SPLIT: tuple[str, ...] = ("host_ram_size", "host_guest_ram", "host_tcg", "host_other")
 #: Every host column, in frame order.
 HOST_COLUMNS: tuple[str, ...] = (*HOST_ROLLUP, *HOST_SPLIT)
+#: Sample columns of the guest's virtio-mem devices (bytes, as ``query-memory-devices`` reports
+#: them; NA for a guest without virtio-mem): ``vmem_size`` plugged by the guest,
+#: ``vmem_requested`` asked by the host (``requested-size``), ``vmem_max_size`` the backends'
+#: size (the most the devices can give). With several devices these are sums over all of them,
+#: and each device also gets ``vmem_size.<id>`` and ``vmem_requested.<id>`` (its QEMU id: the
+#: frame's extra columns, present only in runs of such guests). They are read at the guest's
+#: start, again on each MEMORY_DEVICE_SIZE_CHANGE and every few seconds (a requested size set
+#: by another QMP client), never with the sample itself (model.guest.GuestBase.vmem_columns).
+VMEM_COLUMNS: tuple[str, ...] = ("vmem_size", "vmem_requested", "vmem_max_size")
 # -- end of the host's view ------------------------------------------------------------------
 
 #: Columns every samples frame has before the stats, and after them (frame order).
@@ -116,6 +133,7 @@ SAMPLE_HEAD: dict[str, SampleKind] = {"guest": "category", "last_update": "epoch
 SAMPLE_TAIL: dict[str, SampleKind] = {
     "actual": "int", "target": "int", "period_s": "int", "rss": "int", "age_s": "float", "reset": "bool",
     **dict.fromkeys(HOST_COLUMNS, "int"),  # the host's view (HOST_COLUMNS above)
+    **dict.fromkeys(VMEM_COLUMNS, "int"),  # virtio-mem (VMEM_COLUMNS above)
 }
 #: Columns of the events frame.
 EVENT_COLUMNS: dict[str, SampleKind] = {

@@ -29,13 +29,13 @@ from balloonlab.image.agent import Workload
 from balloonlab.image.kernel import kernel_release
 from balloonlab.model.deadline import Deadline, WaitAborted, wait_until
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
-from balloonlab.model.guest import GuestBase, rollback
+from balloonlab.model.guest import GuestBase, VmemDevice, rollback
 from balloonlab.model.procfs import HostLayout
 from balloonlab.model.protocols import Origin
 from balloonlab.qemu import registry as runtime
 from balloonlab.qemu.argv import build_argv, check_launch_inputs, qemu_binary_for, resolve_accel
 from balloonlab.qemu.balloon import Balloon
-from balloonlab.qemu.host_memory import host_layout
+from balloonlab.qemu.host_memory import host_layout, vmem_devices
 from balloonlab.qemu.virtio_mem import VirtioMem
 from balloonlab.qemu.monitor import Monitor
 from balloonlab.qemu.reaper import KILL_WAIT_S, Reaper, kill_and_reap
@@ -67,6 +67,7 @@ class Guest(GuestBase):
         self.balloon = Balloon(monitor, spec.memballoon if spec else None,
                                max_bytes=spec.memory_bytes if spec else None)
         self.virtio_mem = VirtioMem(monitor)  # its virtio-mem devices, if any
+        self._vmem_version = lambda: len(self.virtio_mem.changes)  # one per MEMORY_DEVICE_SIZE_CHANGE
         self._process = process
         self._reaper = reaper
         self._closed = False
@@ -236,12 +237,9 @@ class Guest(GuestBase):
                 "qemu_version": f"{version['major']}.{version['minor']}.{version['micro']}",
                 # The guest kernel's release, read from its bzImage header (direct kernel boot).
                 "guest_kernel": kernel_release(Path(kernel)) if kernel and Path(kernel).is_file() else None,
-                "host_kernel": platform.release(),
-                "argv": self.record.argv if self.record else None,
-                "accel": self.record.accel if self.record else None,
-                "qmp_socket": self.monitor.socket_path,
-                "domain_xml": self.spec.xml if self.spec else None,
-                "warnings": list(self.warnings)}
+                "host_kernel": platform.release(), "argv": self.record.argv if self.record else None,
+                "accel": self.record.accel if self.record else None, "qmp_socket": self.monitor.socket_path,
+                "domain_xml": self.spec.xml if self.spec else None, "warnings": list(self.warnings)}
 
     @property
     def detached(self) -> bool:
@@ -260,6 +258,9 @@ class Guest(GuestBase):
     async def _host_layout(self, previous: HostLayout | None) -> HostLayout | None:
         """Guest RAM blocks and the TCG buffer, asked of QEMU (:func:`~balloonlab.qemu.host_memory.host_layout`)."""
         return await host_layout(self.monitor, self.pid, previous) if self.pid is not None else None
+
+    async def _vmem_devices(self) -> list[VmemDevice]:  # re-read after each size change (_vmem_version)
+        return await vmem_devices(self.monitor)
 
     # -- ownership and shutdown -----------------------------------------------------------
     async def detach(self) -> None:
@@ -333,7 +334,6 @@ class Guest(GuestBase):
     async def _wait_for_console(self, marker: bytes, timeout_s: float) -> None:
         assert self.paths is not None
         console = self.paths.console_log
-
         offset = 0  # bytes of the console already searched: each poll reads only what is new
 
         def printed() -> bool:

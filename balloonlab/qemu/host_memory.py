@@ -22,10 +22,11 @@ import re
 from dataclasses import dataclass
 
 from balloonlab.model.errors import BalloonLabError
+from balloonlab.model.guest import VmemDevice
 from balloonlab.model.procfs import HostLayout, MappedRange, Vma, read_vmas, tcg_ranges
 from balloonlab.qemu.transport import QMPTransport
 
-__all__ = ["RamBlock", "host_layout", "parse_flatview", "parse_ramblocks"]
+__all__ = ["RamBlock", "host_layout", "parse_flatview", "parse_ramblocks", "vmem_devices"]
 
 _RAMBLOCK = re.compile(r"^\s*(\S+)\s+\d+ \w+\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)"
                        r"(?:\s+(0x[0-9a-f]+))?(?:\s+(rw|ro))?\s*$", re.M)
@@ -117,3 +118,11 @@ async def host_layout(transport: QMPTransport, pid: int, previous: HostLayout | 
 def _exact(vmas: list[Vma], start: int, size: int) -> bool:
     """True when one mapping is exactly ``[start, start + size)``."""
     return any(v.start == start and v.end - v.start == size for v in vmas)
+
+
+async def vmem_devices(transport: QMPTransport) -> list[VmemDevice]:
+    """The guest's virtio-mem devices as the sample columns need them (one
+    ``query-memory-devices``): (id, plugged, requested, backend size) in bytes."""
+    return [(str(d["id"]), int(d["size"]), int(d["requested-size"]), int(d["max-size"]))
+            for entry in await transport.execute("query-memory-devices")
+            if entry.get("type") == "virtio-mem" and (d := entry["data"])]

@@ -358,10 +358,12 @@ class Sampler:
                    else guest.balloon.actual, target=guest.balloon.target, period_s=period,
                    rss=guest.rss_bytes(), age_s=record.age_s, reset=record.reset)
         # -- the host's view (model.schema.HOST_COLUMNS): one smaps_rollup pread and a
-        # PAGEMAP_SCAN per guest RAM block and TCG range, read now (the stats are the report's)
+        # PAGEMAP_SCAN per guest RAM block and TCG range, read now (the stats are the report's);
+        # virtio-mem (VMEM_COLUMNS) as last read: no QMP command here
         host = guest.host_memory()
         if host is not None:
             row.update(host.columns())
+        row.update(guest.vmem_columns())
         # -- end of the host's view
         self._samples.append(int(at * 1e9), row)
 

@@ -1,9 +1,11 @@
 """The dashboard: launcher, balloon and workload panels for several guests, one live plot.
 
 All guests share one :class:`~balloonlab.blocking.SyncSampler`, so the live plot and the frames
-cover them together. Nothing here blocks the kernel: actions run on balloonlab's loop and
-the plot refreshes from a timer. :meth:`Dashboard.close` shuts down every guest a panel
-launched (they are owned by the kernel process anyway, so they also die with it).
+cover them together. The plot's toggle switches between the memory lines and the attribution
+view (each guest's bytes stacked by where they are, from the host's side too). Nothing here
+blocks the kernel: actions run on balloonlab's loop and the plot refreshes from a timer.
+:meth:`Dashboard.close` shuts down every guest a panel launched (they are owned by the kernel
+process anyway, so they also die with it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from balloonlab.blocking import SyncGuest, SyncSampler
 from balloonlab.widgets.balloon_panel import BalloonPanel
 from balloonlab.widgets.controller import GuestController
 from balloonlab.widgets.launcher import LauncherPanel
-from balloonlab.widgets.live_plot import LivePlot
+from balloonlab.widgets.live_plot import VIEWS, LivePlot
 from balloonlab.widgets.panel_state import LaunchParams
 from balloonlab.widgets.workload_panel import WorkloadPanel
 
@@ -35,14 +37,17 @@ class Dashboard:
     """
 
     def __init__(self, params: Sequence[LaunchParams], *, refresh_s: float = 1.0,
-                 window_s: float | None = 300, run_dir: str | os.PathLike[str] | None = None) -> None:
+                 window_s: float | None = 300, run_dir: str | os.PathLike[str] | None = None,
+                 plot_view: str = "memory") -> None:
+        if plot_view not in dict(VIEWS).values():  # before the sampler's thread starts
+            raise ValueError(f"plot_view must be one of {[v for _, v in VIEWS]}, got {plot_view!r}")
         self.sampler = SyncSampler(run_dir=Path(run_dir) if run_dir is not None else None).start()
         self.slots = [GuestController(p, self.sampler) for p in params]
         self.launchers = [LauncherPanel(s) for s in self.slots]
         self.balloons = [BalloonPanel(s) for s in self.slots]
         self.workloads = [WorkloadPanel(s) for s in self.slots]
         self.plot = LivePlot(self.sampler, lambda: [s.name for s in self.slots], refresh_s=refresh_s,
-                             window_s=window_s, on_tick=self._tick)
+                             window_s=window_s, on_tick=self._tick, view=plot_view)
         rows = [w.HBox([launcher.widget, w.VBox([balloon.widget, workload.widget], layout=w.Layout(flex="1 1 auto"))])
                 for launcher, balloon, workload in zip(self.launchers, self.balloons, self.workloads, strict=True)]
         self.widget = w.VBox([*rows, self.plot.widget])
@@ -107,7 +112,7 @@ class Dashboard:
 
 def dashboard(n_guests: int = 2, *, names: Sequence[str] | None = None, memory: str = "512M",
               period_s: int = 1, vcpus: int = 1, refresh_s: float = 1.0, window_s: float | None = 300,
-              run_dir: str | os.PathLike[str] | None = None) -> Dashboard:
+              run_dir: str | os.PathLike[str] | None = None, plot_view: str = "memory") -> Dashboard:
     """Panels for several guests with one shared sampler and a live plot.
 
     Display the returned object (last expression of a cell); for a live ipympl plot run
@@ -121,7 +126,9 @@ def dashboard(n_guests: int = 2, *, names: Sequence[str] | None = None, memory: 
     :param refresh_s: seconds between plot refreshes.
     :param window_s: seconds of the run the plot shows (0 or None: all).
     :param run_dir: also stream the samples to this run folder (see :mod:`balloonlab.record.store`).
-    :raises ValueError: for a bad count or a names list of the wrong length.
+    :param plot_view: the live plot's first view, ``"memory"`` or ``"attribution"`` (its toggle
+        switches it).
+    :raises ValueError: for a bad count or a names list of the wrong length, or an unknown view.
     """
     if type(n_guests) is not int or n_guests < 1:
         raise ValueError(f"n_guests must be an int >= 1, got {n_guests!r}")
@@ -129,4 +136,4 @@ def dashboard(n_guests: int = 2, *, names: Sequence[str] | None = None, memory: 
     if len(names) != n_guests:
         raise ValueError(f"names must give {n_guests} names, got {len(names)}")
     params = [LaunchParams(name=n, memory=memory, period_s=period_s, vcpus=vcpus) for n in names]
-    return Dashboard(params, refresh_s=refresh_s, window_s=window_s, run_dir=run_dir)
+    return Dashboard(params, refresh_s=refresh_s, window_s=window_s, run_dir=run_dir, plot_view=plot_view)

@@ -1,18 +1,21 @@
 """A live plot of a running sampler that never blocks the kernel.
 
 The figure is drawn once by :func:`balloonlab.analysis.plotting.plot_memory`; a timer then calls
-:func:`balloonlab.analysis.plotting.update_memory_plot` (``set_data`` + ``draw_idle``) with the growing
-frames. Each refresh takes snapshots of the sampler's buffers on balloonlab's loop (1-2 ms
-at 10 M rows here) and builds the frames elsewhere, so the sampling loop never waits for a
-plot. Each refresh builds only the rows recorded since the previous one (the first, only the
-window's) and appends them to the frames it keeps, cut to the window (the counts in the info
-line are the whole run's). Inside a notebook kernel the timer is an asyncio task on the
-kernel's own loop: it runs between cells, awaits the snapshots without blocking, builds the
-frames in a worker thread, and touches the figure only on the kernel's main thread
-(matplotlib is not thread-safe, and ipympl renders on that thread when the browser asks).
-Outside a kernel (scripts, tests) it is a daemon thread that builds and draws. With ipympl
-(``%matplotlib widget``) the canvas itself is the widget; otherwise the figure is shown as a
-PNG in an Image widget.
+:func:`balloonlab.analysis.plotting.update_memory_plot` (``set_data`` + ``draw_idle``) with the
+growing frames. A toggle switches it to the memory attribution view
+(:func:`balloonlab.analysis.attribution_plot.plot_attribution`, then
+:func:`~balloonlab.analysis.attribution_plot.update_attribution_plot`): the same frames, grown
+the same way, drawn as stacked bands (the host's view of every guest byte). Each refresh takes
+snapshots of the sampler's buffers on balloonlab's loop (1-2 ms at 10 M rows here) and builds
+the frames elsewhere, so the sampling loop never waits for a plot. Each refresh builds only the
+rows recorded since the previous one (the first, only the window's) and appends them to the
+frames it keeps, cut to the window (the counts in the info line are the whole run's). Inside a
+notebook kernel the timer is an asyncio task on the kernel's own loop: it runs between cells,
+awaits the snapshots without blocking, builds the frames in a worker thread, and touches the
+figure only on the kernel's main thread (matplotlib is not thread-safe, and ipympl renders on
+that thread when the browser asks). Outside a kernel (scripts, tests) it is a daemon thread that
+builds and draws. With ipympl (``%matplotlib widget``) the canvas itself is the widget;
+otherwise the figure is shown as a PNG in an Image widget.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import ipywidgets as w
 import pandas as pd
 
+from balloonlab.analysis.attribution_plot import plot_attribution, update_attribution_plot
 from balloonlab.analysis.plotting import plot_memory, update_memory_plot
 from balloonlab.blocking import SyncSampler
 from balloonlab.blocking import loop as _loop
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 #: Window choices: label -> seconds (0 means the whole run).
 WINDOWS: list[tuple[str, int]] = [("last minute", 60), ("last 5 minutes", 300), ("last 15 minutes", 900),
                                   ("last hour", 3600), ("all", 0)]
+#: View choices: label -> what is drawn (balloon and stats lines, or the attribution's bands).
+VIEWS: list[tuple[str, str]] = [("memory", "memory"), ("attribution", "attribution")]
 
 
 @dataclass(frozen=True)
@@ -105,20 +111,25 @@ class LivePlot:
     :param refresh_s: seconds between refreshes.
     :param window_s: seconds of the run shown (0 or None: all of it).
     :param on_tick: called (on the same thread as the drawing) at every refresh.
+    :param view: ``"memory"`` (the stats and the balloon as lines) or ``"attribution"`` (each
+        byte by where it is, stacked; the host's view); the widget's toggle switches it live.
     """
 
     def __init__(self, sampler: SyncSampler, guests: Sequence[str] | Callable[[], Sequence[str]] | None = None,
                  *, refresh_s: float = 1.0, window_s: float | None = 300,
-                 on_tick: Callable[[], None] | None = None) -> None:
+                 on_tick: Callable[[], None] | None = None, view: str = "memory") -> None:
         import matplotlib.pyplot as plt
         if refresh_s <= 0:
             raise ValueError(f"refresh_s must be a positive number of seconds, got {refresh_s!r}")
+        if view not in dict(VIEWS).values():
+            raise ValueError(f"view must be one of {[v for _, v in VIEWS]}, got {view!r}")
         self.sampler = sampler
         self.refresh_s = refresh_s
         self._guests = guests
         self._on_tick = on_tick
         self._names: list[str] | None = None
         self._drawn_window: int | None = None
+        self._drawn_view: str | None = None
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
@@ -141,8 +152,11 @@ class LivePlot:
         self.window = w.Dropdown(options=options, value=window, description="window",
                                  layout=w.Layout(width="16em"))
         self.window.observe(lambda _c: self._replot_soon(), names="value")
+        self.view = w.ToggleButtons(options=VIEWS, value=view, layout=w.Layout(width="auto"),
+                                    style={"button_width": "7em"})
+        self.view.observe(lambda _c: self._switch_view(), names="value")
         self.info = w.HTML()
-        self.widget = w.VBox([w.HBox([self.window, self.info]), self._view])
+        self.widget = w.VBox([w.HBox([self.window, self.view, self.info]), self._view])
         self.samples = 0
         self.points = 0
         self._shown = _Shown(int(self.window.value))
@@ -185,22 +199,29 @@ class LivePlot:
             names = self._guest_names()
             if names is None:
                 names = data.guests
+            view = str(self.view.value)
+            attributed = view == "attribution"
             # The window is fixed when the axes are made: a refresh built for another window
-            # than the figure's makes them again.
-            if names != self._names or data.window != self._drawn_window:
+            # (or view) than the figure's makes them again.
+            if names != self._names or data.window != self._drawn_window or view != self._drawn_view:
                 height = 0.8 + 2.4 * max(1, len(names))  # also when the guests are first known
                 if self.figure.get_figheight() != height:
                     self.figure.set_size_inches(10, height)
-                plot_memory(data.samples, data.events, guests=names, window=data.window or None, fig=self.figure)
-                self._names, self._drawn_window = names, data.window
+                plot = plot_attribution if attributed else plot_memory
+                plot(data.samples, data.events, guests=names, window=data.window or None, fig=self.figure)
+                self._names, self._drawn_window, self._drawn_view = names, data.window, view
                 if self.interactive:
                     self.figure.canvas.draw_idle()
+            elif attributed:
+                update_attribution_plot(self.figure, data.samples, data.events, draw=self.interactive)
             else:
                 # Without ipympl, draw_idle would render now and savefig below again: render once.
                 update_memory_plot(self.figure, data.samples, data.events, draw=self.interactive)
-            # plot_memory keeps its artists on the figure, untyped (guest -> line name -> Line2D)
-            lines = self.figure._balloonlab_lines  # type: ignore[attr-defined]
-            self.points = sum(len(lines[g]["total_memory"].get_xdata()) for g in lines)
+            if attributed:  # plot_attribution keeps the samples stacked per guest on the figure
+                self.points = sum(self.figure._balloonlab_attribution.points.values())  # type: ignore[attr-defined]
+            else:  # plot_memory keeps its artists on the figure, untyped (guest -> line name -> Line2D)
+                lines = self.figure._balloonlab_lines  # type: ignore[attr-defined]
+                self.points = sum(len(lines[g]["total_memory"].get_xdata()) for g in lines)
             self.samples = n = data.n_samples
             when = f" · last sample {data.last:%H:%M:%S} UTC" if data.last is not None else ""
             self.info.value = (f'<span class="bl-points" data-samples="{n}" data-events="{data.n_events}" '
@@ -221,6 +242,15 @@ class LivePlot:
             self.refresh()
         except Exception as exc:
             self._show_error(exc)
+
+    def _switch_view(self) -> None:
+        """Draw the other view: the same rows (nothing is built again), new axes."""
+        self._names = None
+        if not self.running:
+            try:
+                self.refresh()
+            except Exception as exc:
+                self._show_error(exc)
 
     def _show_error(self, exc: BaseException) -> None:
         self.info.value = (f'<span class="bl-plot-error" style="color:#cf222e">plot not updated: '
@@ -295,7 +325,7 @@ class LivePlot:
         import matplotlib.pyplot as plt
         self.stop()
         plt.close(self.figure)
-        for widget in (self.window, self.info, self._view, self.widget):
+        for widget in (self.window, self.view, self.info, self._view, self.widget):
             widget.close()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
