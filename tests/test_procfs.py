@@ -214,7 +214,22 @@ def test_resident_bytes_of_a_range_are_counted_by_pagemap_scan_and_by_smaps_alik
 
 def test_host_memory_bands_are_none_without_a_layout_and_other_never_negative():
     bare = HostMemory({"Rss": 100, "Pss": 90, "Anonymous": 80, "Swap": 0})
-    assert bare.columns() == {"host_rss": 100, "host_pss": 90, "host_anon": 80, "host_swap": 0, "host_ram_size": None,
-                              "host_guest_ram": None, "host_tcg": None, "host_other": None}
+    cols = bare.columns()
+    assert set(cols) == set(HOST_COLUMNS) and {k: cols[k] for k in ("host_rss", "host_pss", "host_anon", "host_swap")} \
+        == {"host_rss": 100, "host_pss": 90, "host_anon": 80, "host_swap": 0}
+    assert {k for k, v in cols.items() if v is None} == set(HOST_COLUMNS) - {"host_rss", "host_pss", "host_anon",
+                                                                             "host_swap"}  # fields not read: NA
     raced = HostMemory({"Rss": 100}, {"ram": 90, "vmem": 8}, 5, 1000)  # a touch between rollup and scan
     assert raced.guest_ram == 98 and raced.other == 0
+
+
+def test_virtio_mem_columns_sum_devices_and_name_each_one_when_there_are_several():
+    from balloonlab.model.guest import vmem_columns
+    mib = 1 << 20
+    assert vmem_columns([]) == {}  # no device: NA columns
+    assert vmem_columns([("vm0", 128 * mib, 256 * mib, 512 * mib)]) == {
+        "vmem_size": 128 * mib, "vmem_requested": 256 * mib, "vmem_max_size": 512 * mib}
+    two = vmem_columns([("vm0", 128 * mib, 128 * mib, 256 * mib), ("vm1", 0, 64 * mib, 128 * mib)])
+    assert two == {"vmem_size": 128 * mib, "vmem_requested": 192 * mib, "vmem_max_size": 384 * mib,
+                   "vmem_size.vm0": 128 * mib, "vmem_requested.vm0": 128 * mib,
+                   "vmem_size.vm1": 0, "vmem_requested.vm1": 64 * mib}
