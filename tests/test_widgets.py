@@ -277,3 +277,26 @@ def test_import_balloonlab_does_not_import_widget_machinery():
     assert out.returncode == 0, out.stderr
     if out.stdout.strip() == "missing":
         pytest.skip("balloonlab/__init__.py has no lazy `dashboard` re-export yet")
+
+
+def test_live_plot_toggles_to_the_attribution_view_of_a_real_guest_and_back(make_dashboard):
+    d = make_dashboard(1, plot_view="attribution")
+    assert d.plot.view.value == "attribution"
+    d.launchers[0].launch_button.click()
+    d.wait()
+    name = d.slots[0].name
+
+    def stacked() -> int:
+        d.plot.refresh()
+        kept = getattr(d.plot.figure, "_balloonlab_attribution", None)
+        return kept.points.get(name, 0) if kept is not None else 0
+    first = until(stacked, what="samples stacked in the attribution view")
+    until(lambda: stacked() > first + 1, what="the attribution view to grow")
+    ax = d.plot.figure._balloonlab_attribution.axes[name]
+    assert {c.get_gid() for c in ax.collections if c.get_gid()} >= {"attribution:vmm_tcg", "attribution:guest_used"}
+    assert not any("no host view" in t.get_text() for t in ax.texts)  # a local QEMU: the host's side is there
+    d.plot.view.value = "memory"  # the toggle: the same rows drawn as the memory plot
+    until(lambda: d.plot.refresh() and hasattr(d.plot.figure, "_balloonlab_lines")
+          and name in d.plot.figure._balloonlab_lines, what="the memory view")
+    with pytest.raises(ValueError, match="plot_view must be one of"):
+        dashboard(1, plot_view="bands")
