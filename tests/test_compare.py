@@ -9,8 +9,11 @@ gives back what the guest freed and its absence gives back nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import time
 
 import pandas as pd
 import pytest
@@ -122,6 +125,8 @@ def test_compare_quick_shows_what_each_mechanism_gives_back(tmp_path):
             # ... so the shrink is what gives it back: most of the 128 MiB
             assert row["host_returned_bytes"] >= 0.8 * quick.shrink, (name, row)
     run_dir = next((tmp_path / "runs").iterdir())
+    # --quick's own watches and windows, not the defaults' (the CLI once kept only the sizes)
+    assert load_run(run_dir).metadata["settings"] == dataclasses.asdict(quick)
     samples = load_run(run_dir).samples
     assert set(samples["guest"]) == {f"cmp-{m.name.replace('+', '-')}-1" for m in MECHANISMS}
     assert (run_dir / "compare.png").stat().st_size > 10_000 and (run_dir / "compare-rss.png").stat().st_size > 10_000
@@ -131,3 +136,16 @@ def test_compare_quick_shows_what_each_mechanism_gives_back(tmp_path):
         assert steps["t_s"].iloc[0] == 0 and steps["t_s"].is_monotonic_increasing and len(steps) > 100, name
     assert (run_dir / "compare.json").read_text() == (tmp_path / "table.json").read_text()
     assert "virtio-mem+fpr" in result.stdout and run_dir.name in result.stdout
+
+
+async def test_rss_settles_within_a_window_when_the_polls_drift():
+    """A flat RSS read every 50.5 ms settles in a 0.5 s window (a window cut at exactly 0.5 s
+    then held 0.45 s of readings and never closed: a 60 s timeout per step on QEMU 10)."""
+    from balloonlab.experiments.compare_run import _Rss
+    s = dataclasses.replace(CompareSettings.quick(), rss_poll_s=0.0505, stable_bytes=64 << 20, timeout_s=10)
+    rss = _Rss(os.getpid(), s)
+    started = time.monotonic()
+    value, stable_from = await rss.settle(started)
+    took = time.monotonic() - started
+    assert value > 0 and stable_from < 0.2 and 0.5 <= took < 2.0, (stable_from, took)
+    assert rss.trace[-1][0] - rss.trace[0][0] >= 0.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -56,8 +57,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from balloonlab.experiments.compare import (CompareSettings, builtin_mechanism_spec, compare_mechanisms,
                                                 table_records)
     base = CompareSettings.quick() if args.quick else CompareSettings()
-    settings = CompareSettings(memory=args.memory or base.memory, touch=args.touch or base.touch,
-                               shrink=args.shrink or base.shrink, repeat=args.repeat or base.repeat)
+    # replace(), not a new CompareSettings: --quick's shorter watches and windows must stay.
+    settings = dataclasses.replace(base, memory=args.memory or base.memory, touch=args.touch or base.touch,
+                                   shrink=args.shrink or base.shrink, repeat=args.repeat or base.repeat)
     if args.json is not None and Path(args.json).is_dir():
         raise UsageError(f"--json {args.json} is a folder; pass the path of the JSON file to write")
     try:

@@ -46,9 +46,13 @@ class _Rss:
         while True:
             t, value = time.monotonic(), self.now()
             window.append((t, value))
-            window = [(wt, wv) for wt, wv in window if wt >= t - self.s.stable_s]
+            # Keep the newest reading at least stable_s old as the window's first: a window
+            # cut at exactly stable_s could hold one poll interval less than stable_s whenever
+            # the polls drift (50.5 ms apart, a 0.5 s window spans 0.45 s) and never close.
+            while len(window) > 1 and window[1][0] <= t - self.s.stable_s:
+                window.pop(0)
             values = [wv for _, wv in window]
-            if t - window[0][0] >= self.s.stable_s * 0.95 and max(values) - min(values) <= self.s.stable_bytes:
+            if t - window[0][0] >= self.s.stable_s and max(values) - min(values) <= self.s.stable_bytes:
                 return value, max(0.0, window[0][0] - since)
             if t > deadline:
                 return value, t - since
