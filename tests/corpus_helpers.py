@@ -41,7 +41,7 @@ def libvirt_balloon(argv: list[str]) -> dict[str, object] | None:
 def comparable_balloon(spec: DomainSpec, argv: list[str]) -> dict[str, object] | None:
     """libvirt's balloon ``-device`` as balloonlab's :func:`balloon_device` should write it.
 
-    Where the XML gives no address or a PCI one without a slot (libvirt placed the device
+    Where the XML gives no address or an empty PCI one, all 0 (libvirt placed the device
     itself), or a virtio-mmio one (no bus address), balloonlab leaves placement to QEMU: the
     address keys are dropped.
     """
@@ -49,7 +49,7 @@ def comparable_balloon(spec: DomainSpec, argv: list[str]) -> dict[str, object] |
     balloon = spec.memballoon
     address = balloon.address if balloon is not None else None
     if theirs is not None and (address is None or address.type == "virtio-mmio"
-                               or address.type == "pci" and address.slot is None):
+                               or not address.placed):
         theirs = {k: v for k, v in theirs.items() if k not in ADDRESS_KEYS}
     return theirs
 
@@ -71,3 +71,46 @@ def normalized_memory_option(value: str) -> str:
     """
     rest = value.split(",", 1)[1:]
     return ",".join([f"size={memory_kib(value)}k", *rest])
+
+
+#: Memory backend properties libvirt writes for what balloonlab does not set up: hugepages,
+#: file or memfd backing, sharing, preallocation, discard, alignment (``<memoryBacking>``,
+#: ``<source><pagesize>``, memAccess, discard). balloonlab backs all guest memory with
+#: ``memory-backend-ram`` (see balloonlab/qemu/memory_argv.py); the rest must be libvirt's.
+BACKING_ONLY = frozenset({"mem-path", "share", "prealloc", "prealloc-context", "prealloc-threads", "discard-data",
+                          "hugetlb", "hugetlbsize", "align", "pmem"})
+MEMORY_DEVICES = frozenset({"virtio-mem-pci", "pc-dimm", "nvdimm", "virtio-pmem-pci"})
+#: The backends of guest RAM: NUMA cells' and memory devices' (libvirt's ids).
+GUEST_RAM_BACKEND = re.compile(r"ram-node\d+|mem(dimm|nvdimm|virtiomem|virtiopmem)\d+")
+
+
+def memory_lines(argv: list[str], placement: bool = True) -> list[str]:
+    """The memory a command line gives the guest: ``-numa node`` lines, memory backends and
+    memory devices, with libvirt's backing-only properties (:data:`BACKING_ONLY`) taken out,
+    every backend written as ``memory-backend-ram``, the NUMA cells' ``<numatune><memnode>``
+    host policy, HMAT initiators, ``-numa dist``/``hmat-*`` and backends of anything but guest RAM
+    (libvirt's explicit ``pc.ram``, pstore, ivshmem) left out (balloonlab renders none of them); without ``placement`` the memory
+    devices' bus and addr too (libvirt placed them)."""
+    lines = []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "-numa" and value.startswith("node,"):
+            lines.append("-numa " + ",".join(p for p in value.split(",") if not p.startswith("initiator=")))
+        elif flag in ("-object", "-device") and value.startswith("{"):
+            props = json.loads(value)
+            if flag == "-object" and str(props.get("qom-type", "")).startswith("memory-backend"):
+                if not GUEST_RAM_BACKEND.fullmatch(str(props.get("id"))):
+                    continue  # libvirt's explicit pc.ram (QEMU names -m's implicit one so), pstore, ivshmem
+                props = {k: v for k, v in props.items() if k not in BACKING_ONLY}
+                props["qom-type"] = "memory-backend-ram"
+                if str(props.get("id", "")).startswith("ram-node"):  # <numatune><memnode>
+                    props.pop("host-nodes", None)
+                    props.pop("policy", None)
+            elif flag == "-device" and props.get("driver") in MEMORY_DEVICES:
+                props.pop("prealloc", None)  # libvirt preallocates what it backs with hugepages
+                if not placement:
+                    props.pop("bus", None)
+                    props.pop("addr", None)
+            else:
+                continue
+            lines.append(f"{flag} {json.dumps(props, separators=(',', ':'))}")
+    return lines

@@ -108,6 +108,11 @@ def test_alias_function_and_ccw_format() -> None:
     ccw = with_changes(spec, memballoon=MemballoonSpec("virtio-transitional",
                                                        address=AddressSpec("ccw", cssid=0xFE, ssid=1, devno=0xB)))
     assert balloon_device(ccw) == {"driver": "virtio-balloon-ccw", "id": "balloon0", "devno": "fe.1.000b"}
+    # <address type='pci'/> and all-zero numbers: libvirt places the device (virPCIDeviceAddressIsEmpty);
+    # addr 0x0 is the host bridge (libvirt 11.3's pci-autofill-addr.xml: the balloon at 0x4)
+    for empty in (AddressSpec("pci", 0, 0, 0, 0), AddressSpec("pci")):
+        assert balloon_device(with_changes(spec, memballoon=MemballoonSpec("virtio", address=empty))) == {
+            "driver": "virtio-balloon-pci", "id": "balloon0"}
     s390 = with_changes(spec, arch="s390x")
     assert balloon_device(s390)["driver"] == "virtio-balloon-ccw"
     with pytest.raises(ValueError, match="xen"):
@@ -285,6 +290,17 @@ def test_virtio_mem_builtin_argv_as_libvirt_writes_it() -> None:
     devices = [json.loads(d) for d in _lines(argv, "-device")]
     assert devices[0] == {"driver": "virtio-mem-pci", "node": 0, "block-size": 2 << 20, "requested-size": 128 << 20,
                           "memdev": "memvirtiomem0", "id": "virtiomem0"}
+
+
+def test_vcpus_no_cell_lists_go_to_the_first_cell_as_libvirt_fills_them() -> None:
+    """libvirt 11.3's numavcpus-topology-mismatch.xml: 12 vCPUs, cells cpus='0' and '2-4,6'."""
+    spec = builtin_domain(name="g", kernel="/k", initrd="/i", cmdline="", memory="384M", vcpus=12,
+                          virtio_mem="64M")
+    cell = spec.numa_cells[0]
+    two = with_changes(spec, numa_cells=(dataclasses.replace(cell, cpus=(0,), memory_bytes=192 << 20),
+                                         dataclasses.replace(cell, id=1, cpus=(2, 3, 4, 6), memory_bytes=192 << 20)))
+    assert _lines(_tcg_argv(two), "-numa") == ["node,nodeid=0,cpus=0-1,cpus=5,cpus=7-11,memdev=ram-node0",
+                                               "node,nodeid=1,cpus=2-4,cpus=6,memdev=ram-node1"]
 
 
 def test_requested_zero_and_sizes_rounded_like_libvirt() -> None:

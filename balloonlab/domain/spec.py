@@ -53,6 +53,12 @@ class AddressSpec:
     devno: int | None = None
     base: int | None = None
 
+    @property
+    def placed(self) -> bool:
+        """False for a PCI address whose numbers are all 0 or absent (``<address type='pci'/>``):
+        libvirt assigns those itself (virPCIDeviceAddressIsEmpty), and balloonlab leaves them to QEMU."""
+        return self.type != "pci" or any((self.domain, self.bus, self.slot, self.function))
+
 
 @dataclass(frozen=True)
 class MemballoonSpec:

@@ -50,8 +50,8 @@ def balloon_device(spec: DomainSpec) -> dict[str, object] | None:
         props["deflate-on-oom"] = balloon.autodeflate
     if balloon.free_page_reporting is not None:
         props["free-page-reporting"] = balloon.free_page_reporting
-    if address is not None and address.type == "pci" and address.slot is not None:
-        # <address type='pci'/> without a slot asks libvirt to pick one; QEMU picks it here.
+    if address is not None and address.type == "pci" and address.placed:
+        # <address type='pci'/> (its numbers all 0 or absent) asks libvirt to pick one; QEMU picks it here.
         props["bus"] = f"pci.{address.bus or 0}"
         props["addr"] = f"0x{address.slot or 0:x}" + (f".0x{address.function:x}" if address.function else "")
     elif address is not None and address.type == "ccw":

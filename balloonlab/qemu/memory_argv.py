@@ -81,10 +81,15 @@ def memory_option(spec: DomainSpec) -> str:
 def numa_args(spec: DomainSpec) -> list[str]:
     """``-object memory-backend-ram`` + ``-numa node`` per NUMA cell, libvirt's ids and syntax."""
     argv: list[str] = []
-    for cell in spec.numa_cells:
+    # vCPUs no cell lists go to the first cell, as libvirt >= 10 fills them in
+    # (virDomainNumaFillCPUsInNode); QEMU would otherwise guess, or refuse on newer machines.
+    listed = {cpu for cell in spec.numa_cells for cpu in cell.cpus}
+    unlisted = tuple(cpu for cpu in range(spec.vcpus) if cpu not in listed)
+    for index, cell in enumerate(spec.numa_cells):
         backend = {"qom-type": "memory-backend-ram", "id": f"ram-node{cell.id}",
                    "size": _round_kib(cell.memory_bytes, _align_kib(spec)) * 1024}
-        node = f"node,nodeid={cell.id}" + "".join(f",cpus={run}" for run in _runs(cell.cpus))
+        cpus = tuple(sorted(cell.cpus + unlisted)) if index == 0 else cell.cpus
+        node = f"node,nodeid={cell.id}" + "".join(f",cpus={run}" for run in _runs(cpus))
         argv += ["-object", _json(backend), "-numa", f"{node},memdev=ram-node{cell.id}"]
     return argv
 
@@ -177,7 +182,7 @@ def memory_device(spec: DomainSpec, index: int) -> dict[str, object]:
         props["slot"] = dimm_slots(spec)[index]
         if address is not None and address.base:
             props["addr"] = address.base
-    elif address is not None and address.type == "pci" and address.slot is not None:
+    elif address is not None and address.type == "pci" and address.placed:
         props["bus"] = f"pci.{address.bus or 0}"
-        props["addr"] = f"0x{address.slot:x}" + (f".0x{address.function:x}" if address.function else "")
+        props["addr"] = f"0x{address.slot or 0:x}" + (f".0x{address.function:x}" if address.function else "")
     return props
