@@ -28,9 +28,9 @@ from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
 from balloonlab.analysis.attribution import BANDS, RESIDENT, VMEM_REQUESTED, attribution
-from balloonlab.analysis.measures import column, conform, guest_names
+from balloonlab.analysis.measures import column, conform
 from balloonlab.analysis.plotting import (EVENT_COLORS, MAX_LABELS, RARE, _cut, _event_label, _event_style, _rows,
-                                          _since, _x, utc_time_axis)
+                                          _since, _x, guest_axes, utc_time_axis)
 
 MiB = 1 << 20
 #: Band colours (host-resident ones solid, the others hatched over a light fill).
@@ -155,15 +155,7 @@ def plot_attribution(samples: pd.DataFrame, events: pd.DataFrame | None = None, 
     """
     samples = conform(samples, "samples")
     events = None if events is None else conform(events, "events")
-    if guests is None:
-        guests = guest_names(samples)
-        guests += [g for g in (guest_names(events) if events is not None else []) if g not in guests]
-    n = max(1, len(guests))
-    if fig is None:
-        fig = Figure(figsize=(11, 0.8 + 2.8 * n), layout="constrained")
-    else:
-        fig.clear()
-    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    fig, guests, axes = guest_axes(samples, events, guests, fig, height_per_guest=2.8)
     kept = _Kept(axes={}, drawn={}, window=window, ram_size=ram_size, points={})
     setattr(fig, _ATTR, kept)
     for ax, guest in zip(axes, guests, strict=False):

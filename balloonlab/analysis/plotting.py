@@ -213,6 +213,21 @@ def utc_time_axis(axes: Sequence[Axes] | np.ndarray, empty: str | None = None) -
     axes[-1].set_xlabel("time (UTC)")
 
 
+def guest_axes(samples: pd.DataFrame, events: pd.DataFrame | None, guests: list[str] | None, fig: Figure | None,
+               height_per_guest: float) -> tuple[Figure, list[str], np.ndarray]:
+    """A figure (``fig`` cleared, or a new one) with one row of axes per guest, sharing x: the
+    guests asked for, else every guest of the samples then of the events."""
+    if guests is None:
+        guests = guest_names(samples)
+        guests += [g for g in (guest_names(events) if events is not None else []) if g not in guests]
+    n = max(1, len(guests))
+    if fig is None:
+        fig = Figure(figsize=(11, 0.8 + height_per_guest * n), layout="constrained")
+    else:
+        fig.clear()
+    return fig, guests, fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+
+
 def plot_memory(samples: pd.DataFrame, events: pd.DataFrame | None = None, *,
                 guests: list[str] | None = None, window: pd.Timedelta | float | None = None,
                 fig: Figure | None = None) -> Figure:
@@ -236,15 +251,7 @@ def plot_memory(samples: pd.DataFrame, events: pd.DataFrame | None = None, *,
     """
     samples = conform(samples, "samples")
     events = None if events is None else conform(events, "events")
-    if guests is None:
-        guests = guest_names(samples)
-        guests += [g for g in (guest_names(events) if events is not None else []) if g not in guests]
-    n = max(1, len(guests))
-    if fig is None:
-        fig = Figure(figsize=(11, 0.8 + 2.5 * n), layout="constrained")
-    else:
-        fig.clear()
-    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    fig, guests, axes = guest_axes(samples, events, guests, fig, height_per_guest=2.5)
     kept = _PlotArtists(lines={}, axes={}, events={}, window=window)
     _attach(fig, kept)
     for ax, guest in zip(axes, guests, strict=False):
