@@ -124,6 +124,25 @@ async def test_a_bug_in_one_guests_task_marks_it_failed_and_spares_the_others(sp
         assert len(rows_of(sampler.frame(), bad.name)) >= 1  # what it recorded before stays
 
 
+async def test_a_guest_whose_metadata_cannot_be_read_is_still_named_in_the_run(guest, tmp_path):
+    """libvirtd restarting as a libvirt guest is added (seen in the libvirt notebook when another
+    run restarted the daemon): its rows were recorded, but run.json left the guest out."""
+    from balloonlab import load_run
+    from balloonlab.model.errors import BalloonLabError
+    await guest.balloon.wait_for_stats(30)
+
+    async def unreachable() -> dict[str, object]:
+        raise BalloonLabError("libvirt: cannot connect to the daemon")
+    guest.metadata = unreachable  # type: ignore[method-assign]
+    async with Sampler(run_dir=tmp_path / "run", flush_interval_s=1) as sampler:
+        await sampler.add(guest)
+        await asyncio.sleep(3)
+    run = load_run(tmp_path / "run")
+    assert run.metadata["guests"][guest.name] == {"name": guest.name, "backend": "qmp",
+                                                  "metadata_error": "libvirt: cannot connect to the daemon"}
+    assert (run.samples["guest"] == guest.name).sum() >= 2
+
+
 def balloon_server(fault_after: int, fault: str):
     """A fake QEMU with a balloon that reports every second; the ``fault_after``-th guest-stats
     read is answered with ``fault``: ``"drop"`` (connection closed, no reply) or ``"garble"``."""

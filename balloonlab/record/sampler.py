@@ -69,7 +69,9 @@ class Sampler:
     :param track_actual: ``"events"`` (default: one QMP command per sample while the balloon
         is still; ``actual`` is also asked with each read for 2 s after a target or a
         BALLOON_CHANGE, so a sample's ``actual`` is the balloon's size at that sample's time)
-        or ``"poll"`` (query-balloon with every read).
+        or ``"poll"`` (query-balloon with every read). A row is stamped at the time its report
+        most likely came; a row whose ``actual`` was asked with its read is stamped at that read
+        (its stats up to a quarter period older: ``age_s``), so ``actual`` is never early.
     :param period_check_every: re-read the live polling period every this many reports (and
         whenever a report is a quarter period overdue), so a period changed outside balloonlab
         (virsh, another QMP client) is noticed, recorded as a "period" event and kept true in
@@ -176,9 +178,11 @@ class Sampler:
                 workload.remove_listener(on_workload)
         state.unsubscribe = unsubscribe
         if self._writer is not None:
-            with contextlib.suppress(BalloonLabError):
+            try:
                 meta = await guest.metadata()
-                self._writer.stage_guest(guest.name, meta)  # into run.json with the next flush
+            except BalloonLabError as exc:  # libvirtd restarting, say: the run still names the guest
+                meta = {"name": guest.name, "backend": guest.backend, "metadata_error": str(exc)}
+            self._writer.stage_guest(guest.name, meta)  # into run.json with the next flush
         if self.started is not None:
             self._start_task(guest, state)
 
@@ -305,8 +309,8 @@ class Sampler:
             since_check = 0
             while True:
                 sent = time.monotonic()  # as the request leaves, like the record's read_time
-                record = await balloon.read_stats(query_actual=self._actual_needed(balloon, state),
-                                                  classifier=classifier)
+                moving = self._actual_needed(balloon, state)
+                record = await balloon.read_stats(query_actual=moving, classifier=classifier)
                 state.polls += 1
                 if balloon.period_s is not None:
                     period = balloon.period_s  # set through balloonlab (already an event)
@@ -316,8 +320,11 @@ class Sampler:
                     since_check = 0
                     period = await self._check_period(guest, period)
                 if record.new:
-                    # Stamped when the report most likely came, not when a late read found it.
-                    report_time = clock.report_time if clock.report_time is not None else sent
+                    # Stamped when the report most likely came, not when a late read found it;
+                    # but while the balloon may be moving, when its size was read with the
+                    # stats: actual is then true at the row's time (a 300 MiB deflate takes
+                    # 0.1 s, a late read up to a quarter period), the stats as old as age_s says.
+                    report_time = clock.report_time if clock.report_time is not None and not moving else sent
                     self._append(guest, record, period, at=record.read_time - (sent - report_time))
                     state.samples += 1
                 await asyncio.sleep(max(0.0, delay - (time.monotonic() - sent)))
@@ -349,8 +356,9 @@ class Sampler:
         return live
 
     def _append(self, guest: GuestProtocol, record: BalloonStats, period: int, at: float) -> None:
-        """One row at host time ``at`` (the report's estimated time: ``record.read_time`` or a
-        little before it; ``age_s`` stays the age at the read)."""
+        """One row at host time ``at`` (the report's estimated time, a little before
+        ``record.read_time``, or the read's own while ``actual`` was asked with it; ``age_s``
+        stays the age at the read)."""
         if record.reset:
             self.record_event(guest.name, "reset", None, "guest reset detected", at=at)
         row: dict[str, object] = dict(record.stats)
