@@ -98,13 +98,14 @@ async def test_an_awaited_guest_in_a_sync_sampler_is_refused_clearly(spec):
         await guest.shutdown()
 
 
-async def test_a_sync_guest_in_an_awaited_sampler_or_experiment_is_refused_clearly(spec):
+async def test_a_sync_guest_in_an_awaited_sampler_or_experiment_is_refused_clearly(spec, tmp_path):
     guest = SyncGuest.launch(spec())
     try:
         with pytest.raises(TypeError, match=r"is a SyncGuest.*pass it to SyncSampler"):
             await Sampler().add(guest)
         with pytest.raises(TypeError, match=r"is a SyncGuest.*run_experiment"):
-            await Experiment([guest], duration_s=1, plot=False).run()
+            await Experiment([guest], duration_s=1, plot=False, run_root=tmp_path / "runs").run()
+        assert not (tmp_path / "runs").exists()  # refused before a run folder was made
         with pytest.raises(TypeError, match="needs a balloonlab guest"):
             await Sampler().add("not a guest")
     finally:

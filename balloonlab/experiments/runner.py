@@ -89,6 +89,8 @@ class Experiment:
         :param progress: called with (fraction done, message) about once a second.
         """
         self.validate()
+        # Guests that cannot be driven here are refused before a run folder exists.
+        given = [g if isinstance(g, DomainSpec) else async_guest(g, "Experiment") for g in self.guests]
         run_dir = new_run_dir(self.run_root, self.name)
         meta = {"balloonlab_version": _version, "experiment": self.name, "duration_s": self.duration_s,
                 "schedule": {"balloon": self.balloon.as_list() if self.balloon else None,
@@ -98,7 +100,7 @@ class Experiment:
         launched: list[GuestProtocol] = []
         try:
             guests: list[GuestProtocol] = []
-            for g in self.guests:
+            for g in given:
                 if isinstance(g, DomainSpec):
                     t0 = time.monotonic()
                     made = await Guest.launch(g)
@@ -107,7 +109,7 @@ class Experiment:
                                          f"launched in {time.monotonic() - t0:.2f} s", time.monotonic() - t0)
                     guests.append(made)
                 else:
-                    guests.append(async_guest(g, "Experiment"))
+                    guests.append(g)
             await sampler.start()
             for each in guests:
                 await sampler.add(each)
