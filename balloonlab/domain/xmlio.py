@@ -83,22 +83,22 @@ def _memory(node: etree._Element, *, allow_zero: bool = False) -> int:
     return _scaled(node.text, node.get("unit"), node, f"<{_tag(node)}>", allow_zero=allow_zero)
 
 
-def _onoff(node: etree._Element, attr: str) -> bool | None:
+def _switch(node: etree._Element, attr: str, words: dict[str, bool]) -> bool | None:
+    """An attribute libvirt reads as a tristate switch (``words``: its true and false word)."""
     value = node.get(attr)
     if value is None:
         return None
-    if value not in _ONOFF:
-        _fail(f"{attr}={_shown(value)} is not valid; expected 'on' or 'off'", node)
-    return _ONOFF[value]
+    if value not in words:
+        _fail(f"{attr}={_shown(value)} is not valid; expected {' or '.join(repr(w) for w in words)}", node)
+    return words[value]
+
+
+def _onoff(node: etree._Element, attr: str) -> bool | None:
+    return _switch(node, attr, _ONOFF)
 
 
 def _yesno(node: etree._Element, attr: str) -> bool | None:
-    value = node.get(attr)
-    if value is None:
-        return None
-    if value not in _YESNO:
-        _fail(f"{attr}={_shown(value)} is not valid; expected 'yes' or 'no'", node)
-    return _YESNO[value]
+    return _switch(node, attr, _YESNO)
 
 
 def _address_number(node: etree._Element, attr: str, limit: int) -> int:
