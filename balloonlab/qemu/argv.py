@@ -19,7 +19,7 @@ from balloonlab.domain import AddressSpec, DiskSpec, DomainSpec
 from balloonlab.model.errors import LaunchError
 from balloonlab.qemu.devices import balloon_device_type
 from balloonlab.qemu.memory_argv import (LAUNCHED_MODELS, VIRTIO_OPTION_PROPERTIES, _json, memory_backend,
-                                         memory_device, memory_option, numa_args)
+                                         memory_device, memory_option, numa_args, pci_placement)
 
 __all__ = ["VIRTIO_OPTION_PROPERTIES", "balloon_device", "build_argv", "check_launch_inputs", "kvm_usable",
            "memory_option", "qemu_binary_for", "resolve_accel"]
@@ -50,11 +50,8 @@ def balloon_device(spec: DomainSpec) -> dict[str, object] | None:
         props["deflate-on-oom"] = balloon.autodeflate
     if balloon.free_page_reporting is not None:
         props["free-page-reporting"] = balloon.free_page_reporting
-    if address is not None and address.type == "pci" and address.placed:
-        # <address type='pci'/> (its numbers all 0 or absent) asks libvirt to pick one; QEMU picks it here.
-        props["bus"] = f"pci.{address.bus or 0}"
-        props["addr"] = f"0x{address.slot or 0:x}" + (f".0x{address.function:x}" if address.function else "")
-    elif address is not None and address.type == "ccw":
+    props.update(pci_placement(address))
+    if address is not None and address.type == "ccw":
         props["devno"] = f"{address.cssid or 0:x}.{address.ssid or 0:x}.{address.devno or 0:04x}"
     return props
 

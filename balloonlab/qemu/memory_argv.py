@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Mapping
 
-from balloonlab.domain import DomainSpec, MemoryDeviceSpec
+from balloonlab.domain import AddressSpec, DomainSpec, MemoryDeviceSpec
 
 #: libvirt's names for the ``<driver>`` virtio options on the QEMU command line.
 VIRTIO_OPTION_PROPERTIES = {"iommu": "iommu_platform", "ats": "ats", "packed": "packed",
@@ -182,7 +182,16 @@ def memory_device(spec: DomainSpec, index: int) -> dict[str, object]:
         props["slot"] = dimm_slots(spec)[index]
         if address is not None and address.base:
             props["addr"] = address.base
-    elif address is not None and address.type == "pci" and address.placed:
-        props["bus"] = f"pci.{address.bus or 0}"
-        props["addr"] = f"0x{address.slot or 0:x}" + (f".0x{address.function:x}" if address.function else "")
+    else:
+        props.update(pci_placement(address))
     return props
+
+
+def pci_placement(address: AddressSpec | None) -> dict[str, object]:
+    """``bus`` and ``addr`` of a device at the PCI address its XML fixes; nothing for another
+    address type, or for ``<address type='pci'/>`` with its numbers all 0 or absent, which asks
+    libvirt to pick a slot (QEMU picks it here)."""
+    if address is None or address.type != "pci" or not address.placed:
+        return {}
+    function = f".0x{address.function:x}" if address.function else ""
+    return {"bus": f"pci.{address.bus or 0}", "addr": f"0x{address.slot or 0:x}{function}"}

@@ -309,8 +309,8 @@ class Sampler:
             since_check = 0
             while True:
                 sent = time.monotonic()  # as the request leaves, like the record's read_time
-                moving = self._actual_needed(balloon, state)
-                record = await balloon.read_stats(query_actual=moving, classifier=classifier)
+                actual_asked = self._actual_needed(balloon, state)
+                record = await balloon.read_stats(query_actual=actual_asked, classifier=classifier)
                 state.polls += 1
                 if balloon.period_s is not None:
                     period = balloon.period_s  # set through balloonlab (already an event)
@@ -321,10 +321,10 @@ class Sampler:
                     period = await self._check_period(guest, period)
                 if record.new:
                     # Stamped when the report most likely came, not when a late read found it;
-                    # but while the balloon may be moving, when its size was read with the
-                    # stats: actual is then true at the row's time (a 300 MiB deflate takes
-                    # 0.1 s, a late read up to a quarter period), the stats as old as age_s says.
-                    report_time = clock.report_time if clock.report_time is not None and not moving else sent
+                    # but when the balloon's size was asked with the stats, at that read: actual
+                    # is then true at the row's time (a 300 MiB deflate takes 0.1 s, a late read
+                    # comes up to a quarter period after the report), the stats as old as age_s.
+                    report_time = sent if actual_asked or clock.report_time is None else clock.report_time
                     self._append(guest, record, period, at=record.read_time - (sent - report_time))
                     state.samples += 1
                 await asyncio.sleep(max(0.0, delay - (time.monotonic() - sent)))
