@@ -53,6 +53,7 @@ class MemoryFields(TypedDict):
     memory_slots: int | None
     numa_cells: tuple[NumaCellSpec, ...]
     memory_devices: tuple[MemoryDeviceSpec, ...]
+    min_guarantee_bytes: int | None
 
 
 # ---------------------------------------------------------------------------- id sets
@@ -242,11 +243,19 @@ def memory_fields(root: etree._Element, vcpus: int, arch: str | None) -> MemoryF
     fields: MemoryFields = {
         "memory_bytes": memory, "current_memory_bytes": memory,
         "max_memory_bytes": _memory(max_node) if max_node is not None else None,
-        "memory_slots": slots, "numa_cells": cells, "memory_devices": devices}
+        "memory_slots": slots, "numa_cells": cells, "memory_devices": devices,
+        "min_guarantee_bytes": _min_guarantee(root)}
     check_memory(root, fields, nodes, arch)
     current = _memory(current_node, allow_zero=True) if current_node is not None else memory
     fields["current_memory_bytes"] = current if 0 < current <= memory else memory  # as libvirt
     return fields
+
+
+def _min_guarantee(root: etree._Element) -> int | None:
+    """``<memtune><min_guarantee>`` in bytes (libvirt accepts it and QEMU ignores it: balloonlab's
+    policies keep every target at or above it, as MOM's balloon-qos.rules do)."""
+    node = root.find("memtune/min_guarantee")
+    return _memory(node, allow_zero=True) if node is not None else None
 
 
 # ---------------------------------------------------------------------------- writing

@@ -90,6 +90,8 @@ def render_domain_xml(spec: DomainSpec) -> str:
         _sub(root, "maxMemory", _kib(spec.max_memory_bytes), slots=slots, unit="KiB")
     _sub(root, "memory", _kib(spec.memory_bytes), unit="KiB")
     _sub(root, "currentMemory", _kib(spec.current_memory_bytes), unit="KiB")
+    if spec.min_guarantee_bytes is not None:
+        _sub(_sub(root, "memtune"), "min_guarantee", _kib(spec.min_guarantee_bytes), unit="KiB")
     _sub(root, "vcpu", str(spec.vcpus), placement="static")
     os_node = _sub(root, "os")
     _sub(os_node, "type", "hvm", arch=spec.arch, machine=spec.machine)
@@ -217,7 +219,7 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
                    model: str = "virtio", alias: str | None = None, autodeflate: bool | None = None,
                    free_page_reporting: bool | None = None, machine: str = "pc",
                    domain_type: str = "qemu", emulator: str | None = None,
-                   virtio_mem: VirtioMemArg | None = None) -> DomainSpec:
+                   virtio_mem: VirtioMemArg | None = None, min_guarantee: int | str | None = None) -> DomainSpec:
     """The domain of balloonlab's built-in test guest: x86_64, direct kernel boot, no disks.
 
     It carries the workload agent (``agent=True``): serial port 0 is the console, port 1 the
@@ -234,6 +236,8 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
     :param model: virtio, virtio-transitional, virtio-non-transitional, or none (no balloon).
     :param alias: the balloon's device id (QEMU rules; libvirt keeps only ``ua-`` aliases).
     :param emulator: the QEMU binary (``<emulator>``); None: ``qemu-system-x86_64`` from PATH.
+    :param min_guarantee: ``<memtune><min_guarantee>`` (bytes or a size): the least memory a
+        policy leaves this guest.
     :raises TypeError: for an argument of the wrong type.
     :raises ValueError: for an out-of-range value, e.g. current_memory above memory.
     """
@@ -253,7 +257,10 @@ def builtin_domain(*, name: str, kernel: str, initrd: str, cmdline: str, memory:
                       machine=machine, emulator=emulator, kernel=kernel, initrd=initrd,
                       cmdline=cmdline or None, disks=(),
                       serials=(SerialSpec("pty", 0), SerialSpec("unix", 1)),
-                      memballoon=balloon, agent=True)
+                      memballoon=balloon, agent=True,
+                      min_guarantee_bytes=None if min_guarantee is None else _size_arg("min_guarantee", min_guarantee))
+    if spec.min_guarantee_bytes is not None and spec.min_guarantee_bytes > total:
+        raise ValueError(f"min_guarantee ({spec.min_guarantee_bytes} bytes) must not exceed memory ({total} bytes)")
     if device is not None and virtio_mem is not None:
         spec = _with_virtio_mem(spec, device, virtio_mem)
     return dataclasses.replace(spec, xml=render_domain_xml(spec))

@@ -207,6 +207,8 @@ class DomainSpec:
     numa_cells: tuple[NumaCellSpec, ...] = ()
     #: ``<devices><memory model=...>``: memory devices, in document order.
     memory_devices: tuple[MemoryDeviceSpec, ...] = ()
+    #: ``<memtune><min_guarantee>``: the least memory policies leave the guest (None: not given).
+    min_guarantee_bytes: int | None = None
     xml: str = dataclasses.field(default="", repr=False)
 
     @property

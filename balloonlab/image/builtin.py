@@ -19,7 +19,7 @@ def builtin_spec(name: str = "balloonlab", *, memory: int | str = "512M",
                  free_page_reporting: bool | None = None, machine: str = "pc",
                  balloon_driver: bool = True, extra_cmdline: str = "", kernel_release: str | None = None,
                  qemu_binary: str | None = None, swap: int | str | None = None,
-                 virtio_mem: VirtioMemArg | None = None) -> DomainSpec:
+                 virtio_mem: VirtioMemArg | None = None, min_guarantee: int | str | None = None) -> DomainSpec:
     """The domain of the built-in test guest.
 
     The image loads ``virtio_mem`` and onlines hot-plugged memory as movable
@@ -36,6 +36,7 @@ def builtin_spec(name: str = "balloonlab", *, memory: int | str = "512M",
     :param virtio_mem: one virtio-mem device (QEMU id ``virtiomem0``, on guest NUMA node 0): a size
         (``"256M"``), ``(size, requested)`` or ``(size, requested, block)``; ``memory`` stays the boot
         memory (see :func:`~balloonlab.domain.builtin_domain`: NUMA cell 0, ``<maxMemory>``).
+    :param min_guarantee: ``<memtune><min_guarantee>``: the least memory a policy leaves the guest.
     :raises GuestImageError: the image (for that kernel) was not built yet.
     :raises ValueError: for a virtio_mem libvirt would refuse (the message says what to change).
     """
@@ -55,4 +56,5 @@ def builtin_spec(name: str = "balloonlab", *, memory: int | str = "512M",
     return builtin_domain(name=name, kernel=str(image.kernel), initrd=str(image.initrd), cmdline=cmdline,
                           memory=memory, current_memory=current_memory, vcpus=vcpus, period_s=period_s,
                           model=model, autodeflate=autodeflate, free_page_reporting=free_page_reporting,
-                          machine=machine, emulator=qemu_binary, virtio_mem=virtio_mem)
+                          machine=machine, emulator=qemu_binary, virtio_mem=virtio_mem,
+                          min_guarantee=min_guarantee)

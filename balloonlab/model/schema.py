@@ -135,13 +135,48 @@ SAMPLE_TAIL: dict[str, SampleKind] = {
     **dict.fromkeys(HOST_COLUMNS, "int"),  # the host's view (HOST_COLUMNS above)
     **dict.fromkeys(VMEM_COLUMNS, "int"),  # virtio-mem (VMEM_COLUMNS above)
 }
+# -- The host as an entity (issue 14 item 1; model.hostfs.HostReader) ---------------------------
+#: The host frame: one row per host read (every ``host_interval_s``, on the samples' clock),
+#: ``host`` the machine's name. Bytes and counts are ints (NA where the kernel lacks a file or
+#: field); PSI averages are floats (percent of time, as the kernel prints them).
+#: - ``/proc/meminfo`` (bytes): HOST_MEMINFO's keys -> columns;
+#: - ``/proc/vmstat`` (counters since boot): ``pswpin``/``pswpout`` (pages swapped), ``pgfault``,
+#:   ``pgmajfault``, ``oom_kill``;
+#: - ``/proc/pressure/memory``: ``psi_some_avg10/60/300``, ``psi_some_total_us`` and the same for
+#:   ``full`` (the total is microseconds stalled since boot);
+#: - ``/sys/kernel/mm/ksm``: ``ksm_run``, ``ksm_pages_shared/sharing/unshared/volatile``,
+#:   ``ksm_full_scans``, ``ksm_general_profit`` (bytes);
+#: - the guests: ``guests`` sampled, ``guests_rss`` the sum of their QEMUs' RSS, ``guests_ram``
+#:   the sum of their resident guest RAM (each guest's RSS where its RAM blocks are unknown), and
+#:   per guest ``rss.<guest>`` and ``guest_ram.<guest>`` (present from the guest's first host row);
+#: - a budget (policies): ``budget`` bytes and ``budget_available`` = budget - guests_ram, NA
+#:   without one (model.hostfs says why guest RAM and not RSS).
+HOST_MEMINFO: dict[str, str] = {
+    "MemTotal": "mem_total", "MemFree": "mem_free", "MemAvailable": "mem_available", "Buffers": "buffers",
+    "Cached": "cached", "SwapCached": "swap_cached", "SwapTotal": "swap_total", "SwapFree": "swap_free",
+    "AnonPages": "anon_pages", "Shmem": "shmem", "Committed_AS": "committed_as",
+}
+HOST_VMSTAT: tuple[str, ...] = ("pswpin", "pswpout", "pgfault", "pgmajfault", "oom_kill")
+HOST_KSM: tuple[str, ...] = ("run", "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+                             "full_scans", "general_profit")
+HOST_FRAME: dict[str, SampleKind] = {
+    "host": "category",
+    **dict.fromkeys(HOST_MEMINFO.values(), "int"),
+    **dict.fromkeys(HOST_VMSTAT, "int"),
+    **{f"psi_{kind}_{avg}": "float" for kind in ("some", "full") for avg in ("avg10", "avg60", "avg300")},
+    "psi_some_total_us": "int", "psi_full_total_us": "int",
+    **{f"ksm_{name}": "int" for name in HOST_KSM},
+    "guests": "int", "guests_rss": "int", "guests_ram": "int", "budget": "int", "budget_available": "int",
+}
+# -- end of the host as an entity --------------------------------------------------------------
+
 #: Columns of the events frame.
 EVENT_COLUMNS: dict[str, SampleKind] = {
     "guest": "category", "kind": "category", "value": "int", "duration_s": "float", "detail": "str",
 }
 #: The kinds of event a run records.
 EVENT_KINDS: tuple[str, ...] = ("balloon_change", "target", "period", "workload", "reset", "launch",
-                                "shutdown", "error")
+                                "shutdown", "error", "policy", "policy_error")
 
 
 def stat_name(qemu_key: str) -> str:

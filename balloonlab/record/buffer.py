@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from balloonlab.model.schema import EVENT_COLUMNS, EVENT_KINDS, SAMPLE_HEAD, SAMPLE_TAIL, STAT_NAMES
+from balloonlab.model.schema import EVENT_COLUMNS, EVENT_KINDS, HOST_FRAME, SAMPLE_HEAD, SAMPLE_TAIL, STAT_NAMES
 from balloonlab.record.layout import MISSING, NO_CODE, Block, Kind, Layout
 from balloonlab.record.snapshot import BufferSnapshot
 
@@ -252,13 +252,18 @@ def _convert(series: pd.Series, kind: Kind, table: dict[str, int] | None) -> np.
 
 
 __all__ = ["CHUNK_ROWS", "EVENT_COLUMNS", "EVENT_KINDS", "MISSING", "BufferSnapshot", "RowBuffer",
-           "concat_frames", "event_buffer", "sample_buffer"]
+           "concat_frames", "event_buffer", "host_buffer", "sample_buffer"]
 
 
 def sample_buffer() -> RowBuffer:
     """An empty buffer with the samples frame's columns."""
     columns: dict[str, Kind] = {**SAMPLE_HEAD, **dict.fromkeys(STAT_NAMES, "int"), **SAMPLE_TAIL}
     return RowBuffer(columns, dynamic_kind="int")
+
+
+def host_buffer() -> RowBuffer:
+    """An empty buffer with the host frame's columns (``rss.<guest>`` columns come later)."""
+    return RowBuffer(HOST_FRAME, dynamic_kind="int")
 
 
 def event_buffer() -> RowBuffer:
@@ -277,7 +282,7 @@ def concat_frames(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     frames = [f for f in frames if len(f.columns)]
     if not frames:
         return pd.DataFrame()
-    for name in ("guest", "kind"):
+    for name in ("guest", "kind", "host"):
         present = [f for f in frames if name in f.columns]
         if not present:
             continue

@@ -7,6 +7,7 @@ guests are sampled)::
     RUN/run.json                                 metadata, updated at start and end
     RUN/samples/p-000000000000-000000000042.parquet
     RUN/events/p-000000000000-000000000007.parquet
+    RUN/host/p-000000000000-000000000040.parquet     the host frame (model.schema.HOST_FRAME)
     RUN/plot.png
 
 Rows are numbered per table, across guests, in recording order; ``p-FIRST-END`` holds rows
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 
 _PART_RE = re.compile(r"^p-(\d+)-(\d+)\.parquet$")
 RUN_FORMAT = 3
-TABLES = ("samples", "events")
+#: The tables of a run: guests' samples, events, and the host frame (runs before it have none).
+TABLES = ("samples", "events", "host")
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)
 
 
@@ -95,6 +97,10 @@ class RunWriter:
         """Rows of (samples, events) on disk: every row numbered below is durable."""
         return self._durable["samples"], self._durable["events"]
 
+    def durable_rows(self, table: str) -> int:
+        """Rows of ``table`` on disk."""
+        return self._durable[table]
+
     def write_metadata(self, **fields: Any) -> None:
         """Merge ``fields`` into run.json and rewrite it atomically and durably.
 
@@ -128,7 +134,8 @@ class RunWriter:
         atomic_write_json(self.path / "run.json", {"format": RUN_FORMAT, **metadata}, fsync=True)
 
     def flush(self, samples: pd.DataFrame, events: pd.DataFrame,
-              first: tuple[int, int] | None = None) -> tuple[int, int]:
+              first: tuple[int, int] | None = None, *, host: pd.DataFrame | None = None,
+              host_first: int | None = None) -> tuple[int, int]:
         """Write the rows not yet on disk, one part per table; return :attr:`durable`.
 
         :param samples: consecutive rows of the samples table (may be empty), with ``guest``.
@@ -141,8 +148,10 @@ class RunWriter:
             of the same rows (and more) writes exactly the rest.
         """
         starts = self.durable if first is None else first
-        for table, frame, start in zip(TABLES, (samples, events), starts, strict=True):
+        for table, frame, start in zip(TABLES[:2], (samples, events), starts, strict=True):
             self._flush_table(table, frame, start)
+        if host is not None:
+            self._flush_table("host", host, self._durable["host"] if host_first is None else host_first)
         return self.durable
 
     def _flush_table(self, table: str, frame: pd.DataFrame, start: int) -> None:
@@ -315,7 +324,7 @@ def _read_parts(folder: Path) -> tuple[list[pd.DataFrame], list[tuple[Path, str]
 
 def read_table(path: str | os.PathLike[str], table: str, *, skipped: list[Path] | None = None,
                run_format: int | None = None) -> pd.DataFrame:
-    """Read ``samples`` or ``events`` of a run folder into one frame (schema dtypes).
+    """Read ``samples``, ``events`` or ``host`` of a run folder into one frame (schema dtypes).
 
     :param skipped: unreadable part files are appended here (and warned about).
     :param run_format: the run's format (default: run.json's; 1 without one).
@@ -342,13 +351,15 @@ def read_table(path: str | os.PathLike[str], table: str, *, skipped: list[Path] 
 
 @dataclass
 class Run:
-    """A recorded run: its frames, metadata and folder (``skipped``: unreadable part files)."""
+    """A recorded run: its frames, metadata and folder (``skipped``: unreadable part files;
+    ``host``: the host frame, empty for runs recorded without one)."""
 
     path: Path
     samples: pd.DataFrame
     events: pd.DataFrame
     metadata: dict[str, Any] = field(default_factory=dict)
     skipped: list[Path] = field(default_factory=list)
+    host: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def plot_path(self) -> Path:
@@ -378,7 +389,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     skipped: list[Path] = []
     samples = read_table(folder, "samples", skipped=skipped, run_format=run_format)
     events = read_table(folder, "events", skipped=skipped, run_format=run_format)
-    return Run(folder, samples, events, metadata, skipped)
+    host = read_table(folder, "host", skipped=skipped, run_format=run_format) if run_format >= 3 else pd.DataFrame()
+    return Run(folder, samples, events, metadata, skipped, host)
 
 
 def new_run_dir(root: str | os.PathLike[str] = "runs", name: str = "run") -> Path:

@@ -21,17 +21,21 @@ log = logging.getLogger(__name__)
 
 
 class RunStream:
-    """Flushes ``samples`` and ``events`` (a sampler's buffers, appended on its loop) to ``writer``.
+    """Flushes ``samples``, ``events`` and ``host`` (a sampler's buffers, appended on its loop)
+    to ``writer``.
 
     :param max_rows_in_memory: rows on disk beyond this many are dropped from memory.
     """
 
-    def __init__(self, writer: RunWriter, samples: RowBuffer, events: RowBuffer, max_rows_in_memory: int) -> None:
+    def __init__(self, writer: RunWriter, samples: RowBuffer, events: RowBuffer, max_rows_in_memory: int,
+                 host: RowBuffer | None = None) -> None:
         self.writer = writer
         self._buffers = (samples, events)
+        self._host = host
         self.max_rows_in_memory = max_rows_in_memory
         #: Rows of (samples, events) on disk: every row numbered below is durable.
         self.flushed = (0, 0)
+        self.host_flushed = 0
         self._lock = threading.Lock()  # the writer is used by one flush at a time
 
     async def flush(self) -> None:
@@ -86,21 +90,25 @@ class RunStream:
         except OSError as exc:
             log.error("could not flush the run to %s: %s", self.writer.path, exc)
 
-    def _pending(self) -> tuple[int, int, BufferSnapshot, BufferSnapshot, dict[str, Any] | None] | None:
+    def _pending(self) -> tuple[int, int, BufferSnapshot, BufferSnapshot, tuple[int, BufferSnapshot] | None,
+                                dict[str, Any] | None] | None:
         """On the loop: the rows not yet on disk, frozen, and run.json's staged metadata
         (None when there is nothing to write)."""
         (s0, e0), (samples, events) = self.flushed, self._buffers
         s1, e1 = samples.total_rows, events.total_rows
+        h0, h1 = self.host_flushed, (self._host.total_rows if self._host is not None else 0)
         metadata = self.writer.staged_metadata()
-        if s1 <= s0 and e1 <= e0 and metadata is None:
+        if s1 <= s0 and e1 <= e0 and h1 <= h0 and metadata is None:
             return None
-        return s0, e0, samples.snapshot(s0, s1), events.snapshot(e0, e1), metadata
+        host = (h0, self._host.snapshot(h0, h1)) if self._host is not None and h1 > h0 else None
+        return s0, e0, samples.snapshot(s0, s1), events.snapshot(e0, e1), host, metadata
 
     def _write(self, s0: int, e0: int, samples: BufferSnapshot, events: BufferSnapshot,
-               metadata: dict[str, Any] | None) -> None:
+               host: tuple[int, BufferSnapshot] | None, metadata: dict[str, Any] | None) -> None:
         """Any thread, one at a time: build the frames and hand them to the writer."""
         with self._lock:
-            self.writer.flush(samples.frame(), events.frame(), first=(s0, e0))
+            self.writer.flush(samples.frame(), events.frame(), first=(s0, e0),
+                              host=host[1].frame() if host else None, host_first=host[0] if host else None)
             if metadata is not None:
                 self.writer.write_staged(metadata)
 
@@ -108,7 +116,9 @@ class RunStream:
         """On the loop: count what is on disk (also after a failure part-way) and drop the
         oldest of it from memory beyond ``max_rows_in_memory``."""
         self.flushed = self.writer.durable
-        for buffer, durable in zip(self._buffers, self.flushed, strict=True):
+        self.host_flushed = self.writer.durable_rows("host")
+        buffers = (*self._buffers, self._host) if self._host is not None else self._buffers
+        for buffer, durable in zip(buffers, (*self.flushed, self.host_flushed)[:len(buffers)], strict=True):
             excess = min(len(buffer) - self.max_rows_in_memory, durable - buffer.dropped)
             if excess > 0:
                 buffer.drop_head(excess)
