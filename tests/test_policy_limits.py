@@ -79,8 +79,14 @@ def test_the_host_as_a_policy_counts_it_with_and_without_a_budget():
     assert (real.total, real.available, real.free_with_cache, real.used_by_guests) == (1000, 300, 150, 250)
     budget = host_memory(row, 600)
     assert (budget.total, budget.available, budget.free_with_cache) == (600, 350, 350)
-    missing = host_memory(pd.Series({"mem_total": 1000, "mem_free": pd.NA}), None)
-    assert missing.free_with_cache == 0 and missing.available == 0
+    # a missing value is never read as 0 (an empty budget, a full host): no answer instead
+    assert host_memory(pd.Series({"mem_total": 1000, "mem_free": pd.NA, "mem_available": pd.NA, "buffers": 0,
+                                  "cached": 0}), None) is None
+    assert host_memory(pd.Series({"mem_total": pd.NA, "mem_available": 5}), None) is None
+    old_kernel = host_memory(pd.Series({"mem_total": 1000, "mem_free": 50, "buffers": 5, "cached": 20}), None)
+    assert old_kernel.available == old_kernel.free_with_cache == 75
+    assert host_memory(pd.Series({"guests_ram": pd.NA}), 600) is None
+    assert host_memory(pd.Series({"guests_ram": 0}), 600).available == 600
 
 
 def test_a_view_gives_each_guests_rows_and_its_newest_sample():

@@ -16,6 +16,9 @@ import pandas as pd
 
 from balloonlab.blocking.loop import run
 from balloonlab.experiments.runner import Experiment
+from balloonlab.experiments.overcommit import Overcommit
+from balloonlab.model.policy import Policy
+from balloonlab.record.policy_loop import PolicyLoop
 from balloonlab.record.sampler import Sampler, SamplingState
 from balloonlab.record.store import Run
 
@@ -29,11 +32,13 @@ class SyncSampler:
 
     def __init__(self, *, run_dir: str | Path | None = None, flush_interval_s: float = 5.0,
                  max_rows_in_memory: int = 1_000_000, track_actual: str = "events",
-                 period_check_every: int = 100, metadata: dict[str, Any] | None = None) -> None:
+                 period_check_every: int = 100, metadata: dict[str, Any] | None = None,
+                 host_interval_s: float | None = 1.0, host_budget: int | None = None) -> None:
         async def make() -> Sampler:  # built on the loop it samples on
             return Sampler(run_dir=run_dir, flush_interval_s=flush_interval_s,
                            max_rows_in_memory=max_rows_in_memory, track_actual=track_actual,
-                           period_check_every=period_check_every, metadata=metadata)
+                           period_check_every=period_check_every, metadata=metadata,
+                           host_interval_s=host_interval_s, host_budget=host_budget)
         self.aio = run(make())
 
     @property
@@ -73,6 +78,17 @@ class SyncSampler:
         """Events so far (snapshot on the loop, frame built here, as :meth:`frame`)."""
         return run(_call(self.aio.events_snapshot)).frame()
 
+    def host_frame(self) -> pd.DataFrame:
+        """The host frame so far (snapshot on the loop, frame built here, as :meth:`frame`)."""
+        if not self.aio.has_host:
+            return pd.DataFrame()
+        return run(_call(self.aio.host_snapshot)).frame()
+
+    def run_policy(self, policy: Policy, guests: list[str] | None = None, **options: Any) -> PolicyLoop:
+        """Let ``policy`` set the guests' targets from now on (see ``Sampler.run_policy``)."""
+        loop: PolicyLoop = run(_call(lambda: self.aio.run_policy(policy, guests, **options)))
+        return loop
+
     def states(self) -> dict[str, SamplingState]:
         """Per-guest sampling state."""
         return run(_call(self.aio.states))
@@ -89,8 +105,9 @@ class SyncSampler:
         self.stop()
 
 
-def run_experiment(experiment: Experiment, progress: Callable[[float, str], None] | None = None) -> Run:
-    """Run an :class:`~balloonlab.experiments.runner.Experiment` and block until it is done.
+def run_experiment(experiment: Experiment | Overcommit, progress: Callable[[float, str], None] | None = None) -> Run:
+    """Run an :class:`~balloonlab.experiments.runner.Experiment` (or an
+    :class:`~balloonlab.experiments.overcommit.Overcommit`) and block until it is done.
 
     The blocking twin of ``await experiment.run()``; its guests may be specs, ``SyncGuest`` s or
     guests made on balloonlab's loop.

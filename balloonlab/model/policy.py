@@ -127,18 +127,33 @@ class HostMemory:
     used_by_guests: int
 
 
-def host_memory(row: pd.Series, budget: int | None) -> HostMemory:
+def host_memory(row: pd.Series, budget: int | None) -> HostMemory | None:
     """:class:`HostMemory` from one host-frame row: a budget stands in for a host under pressure
-    whose only tenants are the guests (used = the sum of their resident guest RAM)."""
-    used = _int(row.get("guests_ram"))
+    whose only tenants are the guests (used = the sum of their resident guest RAM).
+
+    None when the row cannot say: ``guests_ram`` missing under a budget; without one, MemTotal
+    missing, or both MemAvailable and MemFree + Buffers + Cached. A missing value is never read
+    as 0, which would make a budget look empty or a host look full. Without MemAvailable (kernels
+    before 3.14) ``available`` is MemFree + Buffers + Cached, and the other way round.
+    """
+    values = {name: _int_or_none(row.get(name))
+              for name in ("guests_ram", "mem_total", "mem_available", "mem_free", "buffers", "cached")}
+    used = values["guests_ram"]
     if budget is not None:
-        return HostMemory(budget, budget - used, budget - used, used)
-    free = _int(row.get("mem_free")) + _int(row.get("buffers")) + _int(row.get("cached"))
-    return HostMemory(_int(row.get("mem_total")), _int(row.get("mem_available")), free, used)
+        return None if used is None else HostMemory(budget, budget - used, budget - used, used)
+    parts = [values[name] for name in ("mem_free", "buffers", "cached")]
+    free = None if None in parts else sum(v for v in parts if v is not None)
+    available = values["mem_available"] if values["mem_available"] is not None else free
+    total = values["mem_total"]
+    if total is None or available is None:
+        return None
+    return HostMemory(total, available, available if free is None else free, used or 0)
 
 
-def _int(value: object) -> int:
-    return 0 if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) else int(value)  # type: ignore[call-overload]
+def _int_or_none(value: object) -> int | None:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return int(value)  # type: ignore[call-overload, no-any-return]
 
 
 @dataclass(frozen=True)

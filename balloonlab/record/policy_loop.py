@@ -208,7 +208,8 @@ class PolicyLoop:
         host = view.host_last()
         memory = host_memory(host, view.budget) if len(host) else None
         set_now: dict[str, int] = {}
-        for name in sorted(set(proposed) & set(self.limits) - refused):
+        # Every guest the policy named, with a target or only with its reasons (why it left one be).
+        for name in sorted((set(proposed) | set(why)) & set(self.limits) - refused):
             target = targets[name]
             if name in changed:
                 try:
@@ -219,7 +220,7 @@ class PolicyLoop:
                 self.limits[name] = replace(self.limits[name], target=target)
                 set_now[name] = target
             last = view.guest_last(name)
-            detail = {"policy": self.name, "proposed": _json_number(proposed[name]), "changed": name in changed,
+            detail = {"policy": self.name, "proposed": _json_number(proposed.get(name)), "changed": name in changed,
                       "notes": notes.get(name, ""), "why": dict(why.get(name, {})),
                       "inputs": {"host_total": memory.total if memory else None,
                                  "host_available": memory.available if memory else None,
