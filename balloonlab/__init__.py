@@ -14,7 +14,7 @@ from balloonlab import analysis as analysis  # registers the df.balloon accessor
 from balloonlab._version import __version__ as __version__
 from balloonlab.blocking import SyncBalloon, SyncGuest, SyncSampler, SyncWorkload, run_experiment
 from balloonlab.domain import DomainSpec, MemballoonSpec, load_domain_xml, parse_domain_xml, render_domain_xml
-from balloonlab.experiments import Experiment, Schedule
+from balloonlab.experiments import Experiment, Overcommit, Schedule, replay
 from balloonlab.image import Workload, builtin_spec
 from balloonlab.model import BalloonBase, BalloonChange, BalloonStats, SettleResult, StatsClassifier, validate_period
 from balloonlab.model.errors import (
@@ -30,6 +30,7 @@ from balloonlab.model.errors import (
     MonitorError,
     StatsUnavailable,
 )
+from balloonlab.model.policy import Decision, GuestLimits, PolicyView
 from balloonlab.model.stats import format_dommemstat, libvirt_view
 from balloonlab.model.units import format_size, parse_size
 from balloonlab.qemu import Balloon, Guest, Monitor, QMPEvent, attach_many, list_guests
@@ -42,7 +43,8 @@ from balloonlab.record import store as store  # deprecated path, see below
 sys.modules.setdefault(f"{__name__}.store", store)
 
 __all__ = [
-    "AgentError", "Balloon", "BalloonBase", "BalloonChange", "BalloonLabError", "BalloonLabWarning",
+    "AgentError", "Balloon", "BalloonBase", "BalloonChange", "BalloonLabError", "BalloonLabWarning", "Decision",
+    "GuestLimits", "Overcommit", "PolicyView", "replay",
     "BalloonNotFound", "BalloonStats", "CommandError", "DomainSpec", "DomainXMLError", "Experiment", "Guest",
     "GuestImageError", "GuestNameInUse", "LaunchError", "LibvirtGuest", "MemballoonSpec", "Monitor",
     "MonitorError", "QMPEvent", "Run", "Sampler", "SamplingState", "Schedule", "SettleResult",

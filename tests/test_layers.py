@@ -27,10 +27,11 @@ ALLOWED: dict[str, set[str]] = {
     "libvirt": {"model", "domain", "image", "qemu"},
     "record": {"model"},
     "analysis": {"model"},
-    "experiments": {"model", "domain", "image", "qemu", "record", "analysis"},  # image: the built-in guest it runs
+    "policies": {"model"},  # pure: a policy sees frames through model.policy's view, nothing else
+    "experiments": {"model", "domain", "image", "qemu", "record", "analysis", "policies"},  # image: the built-in guest
     "blocking": {"model", "domain", "qemu", "libvirt", "record", "experiments"},
     "widgets": {"model", "domain", "image", "qemu", "record", "experiments", "analysis", "blocking"},
-    "cli": {"model", "domain", "image", "qemu", "record", "experiments", "analysis", "blocking"},
+    "cli": {"model", "domain", "image", "qemu", "record", "experiments", "analysis", "blocking", "policies"},
 }
 TOP_LEVEL = {"__init__", "_version"}
 

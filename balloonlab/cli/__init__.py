@@ -1,5 +1,5 @@
 """The ``balloonlab`` command: build the test guest, run the demo, record, plot, list and stop guests,
-compare the ways of taking memory back.
+compare the ways of taking memory back, run balloon policies live and replay them on recorded runs.
 
 A thin layer over the library. Every error is one line on stderr, ``balloonlab: error: <what
 was wrong and what to do>``, never a traceback (``--debug`` or ``BALLOONLAB_DEBUG=1`` shows it).
@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from balloonlab.cli import compare, guests, period, runs, stacks
+from balloonlab.cli import compare, guests, period, policy, runs, stacks
 from balloonlab.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, _Parser
 from balloonlab.cli.runs import demo_experiment, print_summary
 from balloonlab.model.errors import BalloonLabError, LaunchError
@@ -23,7 +23,7 @@ from balloonlab.model.errors import BalloonLabError, LaunchError
 __all__ = ["build_parser", "demo_experiment", "main", "print_summary"]
 
 #: The modules that add subcommands, in ``--help`` order; each has ``register(command)``.
-COMMAND_MODULES = (guests, stacks, runs, period, compare)
+COMMAND_MODULES = (guests, stacks, runs, period, compare, policy)
 
 
 def build_parser() -> argparse.ArgumentParser:

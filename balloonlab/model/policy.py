@@ -252,3 +252,46 @@ def split_decision(result: object) -> tuple[Mapping[str, Any], Mapping[str, Mapp
     if result is None:
         return {}, {}
     raise TypeError(f"a policy returns {{guest: bytes}} or a Decision, not {type(result).__name__}: {result!r:.80}")
+
+
+def decision_details(view: PolicyView, proposed: Mapping[str, Any], why: Mapping[str, Mapping[str, Any]],
+                     enforced: Enforced, name: str) -> dict[str, dict[str, Any]]:
+    """What a run records of one decision, per guest: every guest the policy named (with a
+    target, or only with its reasons for leaving it be) that was not refused, in name order. The
+    live loop and the offline replay both write their ``policy`` events from this, so their
+    decisions compare one for one.
+
+    Each detail: the policy's ``name``, what it ``proposed`` (None for reasons only), whether the
+    target ``changed``, how the limits ``notes`` changed it, its ``why`` and the ``inputs``: the
+    host's total and available (budget-aware) and the guest's newest actual, free and available.
+    """
+    memory = view.host_memory()
+    out: dict[str, dict[str, Any]] = {}
+    for guest in sorted((set(proposed) | set(why)) & set(enforced.targets) - set(enforced.refused)):
+        last = view.guest_last(guest)
+
+        def stat(column: str, row: pd.Series | None = last) -> float | int | None:
+            return None if row is None else json_number(row.get(column))
+
+        out[guest] = {"policy": name, "proposed": json_number(proposed.get(guest)),
+                      "changed": guest in enforced.changed, "notes": enforced.notes.get(guest, ""),
+                      "why": dict(why.get(guest, {})),
+                      "inputs": {"host_total": memory.total if memory else None,
+                                 "host_available": memory.available if memory else None,
+                                 "actual": stat("actual"), "free_memory": stat("free_memory"),
+                                 "available_memory": stat("available_memory")}}
+    return out
+
+
+def json_number(value: object) -> float | int | None:
+    """A finite number as JSON takes it (numpy scalars unwrapped), else None (NA, NaN, text)."""
+    if value is None or value is pd.NA or isinstance(value, bool):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        value = value.item()
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return None
+

@@ -37,11 +37,12 @@ from balloonlab.model.errors import BalloonLabError
 from balloonlab.model.policy import (
     DEFAULT_FLOOR_FRACTION,
     DEFAULT_MAX_STEP_FRACTION,
+    Enforced,
     GuestLimits,
     Policy,
     PolicyView,
+    decision_details,
     enforce_limits,
-    host_memory,
     policy_name,
     split_decision,
 )
@@ -199,19 +200,16 @@ class PolicyLoop:
         for name, reason in enforced.refused.items():
             self._error(name if name in self.limits else POLICY_GUEST, f"refused: {reason}; kept the last safe target")
         self.decisions += 1
-        return await self._apply(view, proposed, why, enforced.targets, enforced.changed, enforced.notes,
-                                 set(enforced.refused))
+        return await self._apply(view, proposed, why, enforced)
 
     async def _apply(self, view: PolicyView, proposed: Mapping[str, Any], why: Mapping[str, Mapping[str, Any]],
-                     targets: dict[str, int], changed: tuple[str, ...], notes: dict[str, str],
-                     refused: set[str]) -> dict[str, int]:
-        host = view.host_last()
-        memory = host_memory(host, view.budget) if len(host) else None
+                     enforced: Enforced) -> dict[str, int]:
         set_now: dict[str, int] = {}
-        # Every guest the policy named, with a target or only with its reasons (why it left one be).
-        for name in sorted((set(proposed) | set(why)) & set(self.limits) - refused):
-            target = targets[name]
-            if name in changed:
+        for name, detail in decision_details(view, proposed, why, enforced, self.name).items():
+            target = enforced.targets[name]
+            if not self.guests[name].alive:
+                continue  # it died or was shut down: the sampler records how it ended
+            if detail["changed"]:
                 try:
                     await self.guests[name].balloon.set_target(target)
                 except (BalloonLabError, OSError, ValueError) as exc:
@@ -219,15 +217,6 @@ class PolicyLoop:
                     continue
                 self.limits[name] = replace(self.limits[name], target=target)
                 set_now[name] = target
-            last = view.guest_last(name)
-            detail = {"policy": self.name, "proposed": _json_number(proposed.get(name)), "changed": name in changed,
-                      "notes": notes.get(name, ""), "why": dict(why.get(name, {})),
-                      "inputs": {"host_total": memory.total if memory else None,
-                                 "host_available": memory.available if memory else None,
-                                 "actual": _json_number(last.get("actual")) if last is not None else None,
-                                 "free_memory": _json_number(last.get("free_memory")) if last is not None else None,
-                                 "available_memory": (_json_number(last.get("available_memory"))
-                                                      if last is not None else None)}}
             self.sampler.record_event(name, "policy", target, json.dumps(detail, default=str),
                                       at=view.now.timestamp())
         return set_now
@@ -238,14 +227,3 @@ class PolicyLoop:
         log.warning("policy %s: %s", self.name, message)
         if warn:
             warnings.warn(f"policy {self.name}: {message}", PolicyWarning, stacklevel=2)
-
-
-def _json_number(value: object) -> float | int | None:
-    if value is None or value is pd.NA:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value if math.isfinite(value) else None
-    try:
-        return int(value)  # type: ignore[call-overload, no-any-return]
-    except (TypeError, ValueError):
-        return None

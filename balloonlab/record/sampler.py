@@ -27,10 +27,10 @@ from balloonlab.model.balloon import BalloonChange
 from balloonlab.model.classify import StatsClassifier
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound
 from balloonlab.model.guest import async_guest
-from balloonlab.model.policy import Policy
 from balloonlab.model.protocols import BalloonProtocol, GuestProtocol, WorkloadChange
 from balloonlab.model.stats import BalloonStats
 from balloonlab.record.buffer import BufferSnapshot, event_buffer, sample_buffer
+from balloonlab.record.host_side import HostSide
 from balloonlab.record.host_task import HostTask
 from balloonlab.record.policy_loop import PolicyLoop
 from balloonlab.record.report_clock import ReportClock
@@ -62,7 +62,7 @@ class SamplingState:
     target_set_at: float = 0.0
 
 
-class Sampler:
+class Sampler(HostSide):
     """Record one or many guests into frames (async core; :class:`SyncSampler` blocks).
 
     :param run_dir: stream samples/events to this run folder (see :mod:`balloonlab.record.store`).
@@ -81,11 +81,9 @@ class Sampler:
         ``period_s``. A longer period is noticed at its first late report; a shorter one
         (reports still come when expected) at the next periodic check. The default, 100,
         costs 1 % more commands; a smaller value notices sooner.
-    :param host_interval_s: read the host (meminfo, vmstat, PSI, KSM, every guest's QEMU RSS)
-        into the host frame this often (:meth:`host_frame`, the run's ``host`` table); None: no
-        host frame.
-    :param host_budget: a host memory budget in bytes for policies (the host frame's ``budget``
-        columns); None: the real host.
+    :param host_interval_s: read the host (meminfo, vmstat, PSI, KSM, each QEMU's memory) into the
+        host frame this often (:meth:`host_frame`, the run's ``host`` table); None: no host frame.
+    :param host_budget: a host memory budget in bytes for policies; None: the real host.
     """
 
     def __init__(self, *, run_dir: str | Path | None = None, flush_interval_s: float = 5.0,
@@ -99,8 +97,8 @@ class Sampler:
         self._samples = sample_buffer()
         self._events = event_buffer()
         self._guests: dict[str, tuple[GuestProtocol, SamplingState]] = {}
-        self._host = (HostTask(self._guests_memory, interval_s=host_interval_s, budget=host_budget)
-                      if host_interval_s is not None else None)
+        self._host = None if host_interval_s is None else HostTask(self._guests_memory, interval_s=host_interval_s,
+                                                                   budget=host_budget)
         self._writer = RunWriter(run_dir) if run_dir is not None else None
         self._stream = (RunStream(self._writer, self._samples, self._events, max_rows_in_memory,
                                   self._host.buffer if self._host is not None else None)
@@ -222,10 +220,7 @@ class Sampler:
 
     async def stop(self) -> None:
         """Stop every guest's task, flush, and close the run (run.json gets its end time)."""
-        for policy in self._policies:
-            await policy.stop()
-        if self._host is not None:
-            await self._host.stop()
+        await self._stop_host_side()  # the policies, then the host frame's last row
         await self._remove(list(self._guests))
         if self._flush_task is not None:
             self._flush_task.cancel()
@@ -245,23 +240,6 @@ class Sampler:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    def run_policy(self, policy: Policy, guests: list[str] | None = None, **options: Any) -> PolicyLoop:
-        """Let ``policy`` set the targets of ``guests`` (default: every guest sampled now), from
-        the next interval on, until :meth:`stop` (see :mod:`balloonlab.record.policy_loop`; its
-        settings, e.g. ``interval_s``, ``window_s``, ``min_guarantee``, go in ``options``).
-
-        :raises ValueError: an unknown guest, or a setting out of range (the message says which).
-        """
-        names = list(self._guests) if guests is None else guests
-        unknown = [name for name in names if name not in self._guests]
-        if unknown:
-            raise ValueError(f"not sampled here: {', '.join(unknown)}; add() them first")
-        loop = PolicyLoop(self, [self._guests[name][0] for name in names], policy, **options)
-        self.add_metadata(policy=loop.metadata())
-        loop.start()
-        self._policies.append(loop)
-        return loop
 
     # -- what was recorded ----------------------------------------------------------------
     def frame(self) -> pd.DataFrame:
@@ -294,60 +272,6 @@ class Sampler:
         """The events in memory, frozen (see :meth:`samples_snapshot`)."""
         dropped = self._events.dropped
         return self._events.snapshot(max(dropped, since_row), attrs={"dropped_rows": dropped})
-
-    def host_frame(self) -> pd.DataFrame:
-        """The host frame in memory (``HOST_FRAME`` in :mod:`balloonlab.model.schema`); empty
-        without ``host_interval_s``."""
-        return self.host_snapshot().frame() if self._host is not None else pd.DataFrame()
-
-    def host_snapshot(self, since_row: int = 0) -> BufferSnapshot:
-        """The host rows in memory, frozen (see :meth:`samples_snapshot`).
-
-        :raises RuntimeError: this sampler reads no host (``host_interval_s=None``).
-        """
-        if self._host is None:
-            raise RuntimeError("this sampler was made with host_interval_s=None: it has no host frame")
-        buffer = self._host.buffer
-        return buffer.snapshot(max(buffer.dropped, since_row), attrs={"dropped_rows": buffer.dropped})
-
-    @property
-    def has_host(self) -> bool:
-        """True when this sampler reads the host frame."""
-        return self._host is not None
-
-    def rows_recorded(self) -> tuple[int, int]:
-        """Rows ever recorded of (samples, host): where the next row of each will be numbered."""
-        return self._samples.total_rows, self._host.buffer.total_rows if self._host is not None else 0
-
-    def add_metadata(self, **fields: Any) -> None:
-        """Add ``fields`` to the run's run.json (with the next flush); no-op without a run folder."""
-        self._metadata.update(fields)
-        if self._writer is not None:
-            self._writer.metadata.update(fields)
-            self._writer.staged = True
-
-    @property
-    def host_budget(self) -> int | None:
-        """The host memory budget in bytes written into the host frame (None: the real host)."""
-        return self._host.budget if self._host is not None else None
-
-    @host_budget.setter
-    def host_budget(self, budget: int | None) -> None:
-        if self._host is None:
-            raise RuntimeError("this sampler was made with host_interval_s=None: it has no host frame")
-        if budget is not None and (type(budget) is not int or budget <= 0):
-            raise ValueError(f"a host budget is a number of bytes above 0, got {budget!r}")
-        self._host.budget = budget
-
-    def _guests_memory(self) -> dict[str, tuple[int | None, int | None]]:
-        """Every guest being sampled: its QEMU's (RSS, resident guest RAM) now (None where the
-        host cannot see it)."""
-        out: dict[str, tuple[int | None, int | None]] = {}
-        for name, (guest, state) in self._guests.items():
-            if state.state in ("starting", "sampling"):
-                host = guest.host_memory()
-                out[name] = (host.rss, host.guest_ram) if host is not None else (guest.rss_bytes(), None)
-        return out
 
     def states(self) -> dict[str, SamplingState]:
         """Per guest: sampling / dead / removed, counts, last error."""

@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 _PART_RE = re.compile(r"^p-(\d+)-(\d+)\.parquet$")
 RUN_FORMAT = 3
-#: The tables of a run: guests' samples, events, and the host frame (runs before it have none).
 TABLES = ("samples", "events", "host")
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)
 
@@ -95,7 +94,7 @@ class RunWriter:
     @property
     def durable(self) -> tuple[int, int]:
         """Rows of (samples, events) on disk: every row numbered below is durable."""
-        return self._durable["samples"], self._durable["events"]
+        return self.durable_rows("samples"), self.durable_rows("events")
 
     def durable_rows(self, table: str) -> int:
         """Rows of ``table`` on disk."""
@@ -351,8 +350,7 @@ def read_table(path: str | os.PathLike[str], table: str, *, skipped: list[Path] 
 
 @dataclass
 class Run:
-    """A recorded run: its frames, metadata and folder (``skipped``: unreadable part files;
-    ``host``: the host frame, empty for runs recorded without one)."""
+    """A recorded run: frames, metadata, folder (``skipped``: unreadable parts; ``host``: empty without one)."""
 
     path: Path
     samples: pd.DataFrame
@@ -367,8 +365,7 @@ class Run:
         return self.path / "plot.png"
 
     def plot(self, **kwargs: Any) -> Any:
-        """Plot memory over time (:func:`balloonlab.plot_memory` through the ``df.balloon``
-        accessor, which ``import balloonlab`` registers: this layer never imports plotting)."""
+        """Plot memory over time (``df.balloon.plot``: this layer never imports plotting)."""
         return self.samples.balloon.plot(events=self.events, **kwargs)
 
 
@@ -387,10 +384,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     metadata = json.loads(meta_path.read_text())
     run_format = int(metadata.get("format", 1))
     skipped: list[Path] = []
-    samples = read_table(folder, "samples", skipped=skipped, run_format=run_format)
-    events = read_table(folder, "events", skipped=skipped, run_format=run_format)
-    host = read_table(folder, "host", skipped=skipped, run_format=run_format) if run_format >= 3 else pd.DataFrame()
-    return Run(folder, samples, events, metadata, skipped, host)
+    samples, events = (read_table(folder, table, skipped=skipped, run_format=run_format) for table in TABLES[:2])
+    return Run(folder, samples, events, metadata, skipped,  # the host frame from format 3 on
+               read_table(folder, "host", skipped=skipped, run_format=3) if run_format >= 3 else pd.DataFrame())
 
 
 def new_run_dir(root: str | os.PathLike[str] = "runs", name: str = "run") -> Path:
