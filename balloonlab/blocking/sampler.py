@@ -89,6 +89,10 @@ class SyncSampler:
         loop: PolicyLoop = run(_call(lambda: self.aio.run_policy(policy, guests, **options)))
         return loop
 
+    def stop_policies(self) -> None:
+        """Stop every policy started with :meth:`run_policy` (sampling goes on)."""
+        run(self.aio.stop_policies())
+
     def states(self) -> dict[str, SamplingState]:
         """Per-guest sampling state."""
         return run(_call(self.aio.states))
