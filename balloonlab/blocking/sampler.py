@@ -93,6 +93,10 @@ class SyncSampler:
         """Stop every policy started with :meth:`run_policy` (sampling goes on)."""
         run(self.aio.stop_policies())
 
+    def stop_host(self) -> None:
+        """Stop the policies and the host frame (its last row now); the guests' sampling goes on."""
+        run(self.aio.stop_host())
+
     def states(self) -> dict[str, SamplingState]:
         """Per-guest sampling state."""
         return run(_call(self.aio.states))

@@ -50,6 +50,7 @@ def _cmd_policy_run(args: argparse.Namespace) -> int:
     experiment = Overcommit(None if args.policy == "none" else args.policy, guests=args.guests, memory=args.memory,
                             budget=None if args.budget == 0 else args.budget, duration_s=args.duration,
                             cycle_s=args.cycle, low=args.low, high=args.high, interval_s=args.interval,
+                            kernel_release=args.kernel_release, qemu_binary=args.qemu_binary,
                             run_root=runs_root(args.runs))
     try:
         experiment.validate()
@@ -109,6 +110,8 @@ def register(command: AddCommand) -> None:
     run.add_argument("--low", default="32M", help="a workload's memory outside its slice (default 32M)")
     run.add_argument("--high", default="288M", help="a workload's memory in its slice (default 288M)")
     run.add_argument("--interval", type=seconds, default=2.0, help="seconds between decisions (default 2)")
+    run.add_argument("--kernel-release", default=None, help="guest kernel, e.g. 6.12 (default: the default image)")
+    run.add_argument("--qemu-binary", default=None, help="QEMU to run the guests (default qemu-system-x86_64)")
     run.add_argument("--runs", default="runs", help="folder for run folders (default ./runs)")
     replay_cmd = command("replay", "policies tried offline on a recorded run, scored side by side", _cmd_replay)
     replay_cmd.add_argument("run", help="a run folder (e.g. from `balloonlab policy run`)")

@@ -47,6 +47,8 @@ class Overcommit:
     :param low: and ``high``: what each guest's workload holds outside and inside its slice.
     :param min_guarantee: every guest's ``<memtune><min_guarantee>`` (None: none).
     :param interval_s: and ``window_s``, ``max_step_fraction``: the policy loop's settings.
+    :param kernel_release: and ``qemu_binary``: the guests' stack (:func:`~balloonlab.builtin_spec`;
+        Linux 6.12 on QEMU >= 9.2 adds OOM kills and allocation stalls to the stats).
     """
 
     policy: Policy | str | None
@@ -63,6 +65,8 @@ class Overcommit:
     window_s: float = 30.0
     max_step_fraction: float = 0.25
     period_s: int = 1
+    kernel_release: str | None = None
+    qemu_binary: str | None = None
     run_root: str | Path = "runs"
     name: str = "overcommit"
     plot: bool = True
@@ -86,7 +90,8 @@ class Overcommit:
             raise ValueError(f"budget must be above 0, got {self.budget!r}")
         policy = _resolve(self.policy)
         specs = [builtin_spec(f"oc{i}", memory=memory, swap=self.swap, period_s=self.period_s,
-                              min_guarantee=self.min_guarantee) for i in range(self.guests)]
+                              min_guarantee=self.min_guarantee, kernel_release=self.kernel_release,
+                              qemu_binary=self.qemu_binary) for i in range(self.guests)]
         return policy, specs, {spec.name: self.schedule(i, low, high) for i, spec in enumerate(specs)}, budget
 
     def schedule(self, index: int, low: int, high: int) -> Schedule:
@@ -129,7 +134,7 @@ class Overcommit:
             await _play(sampler, launched, schedules, self.duration_s, progress)
         finally:
             problems: list[BaseException] = []
-            await sampler.stop_policies()  # no decision about a guest shutting down
+            await sampler.stop_host()  # no decision about, nor host row without, a guest shutting down
             for guest in launched:
                 try:
                     with contextlib.suppress(KeyError):

@@ -46,7 +46,9 @@ class HostSide:
         self._policies.append(loop)
         return loop
 
-    async def _stop_host_side(self) -> None:
+    async def stop_host(self) -> None:
+        """Stop the policies, then the host frame (after one last row): before the guests shut
+        down, so the frame ends with the run, not with guests leaving one by one."""
         await self.stop_policies()
         if self._host is not None:
             await self._host.stop()

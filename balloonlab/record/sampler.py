@@ -220,7 +220,7 @@ class Sampler(HostSide):
 
     async def stop(self) -> None:
         """Stop every guest's task, flush, and close the run (run.json gets its end time)."""
-        await self._stop_host_side()  # the policies, then the host frame's last row
+        await self.stop_host()  # the policies, then the host frame's last row
         await self._remove(list(self._guests))
         if self._flush_task is not None:
             self._flush_task.cancel()
