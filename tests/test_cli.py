@@ -11,6 +11,7 @@ from, and the built-in guest for ``stop``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -30,6 +31,8 @@ BALLOONLAB = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "balloonlab
 UNITS = "b, bytes, KB, k, KiB, MB, M, MiB, GB, G, GiB, TB, T, TiB (any case; P and E too)"
 NAME_RULE = "must be 1-48 characters of A-Z a-z 0-9 _ . - and start with a letter or digit"
 RUN_HINT = "pass a folder made by 'balloonlab demo' or 'balloonlab record'"
+BUILTIN_POLICIES = ("the built-in policies are mom, pi, psi, qmemman; a policy of your own is given as "
+                    "'module:callable'")
 SOCKET_HINT = "start QEMU with -qmp unix:{0},server=on,wait=off or pass the socket it listens on"
 
 
@@ -113,7 +116,8 @@ CASES: dict[str, Case] = {
     # -- exit 2: the command line is wrong, nothing is done
     "no command": usage(message="the following arguments are required: command; see 'balloonlab --help'"),
     "unknown command": usage("bogus", message="argument command: invalid choice: 'bogus' (choose from 'guest', "
-                                              "'list', 'stop', 'stacks', 'demo', 'record', 'plot', 'period-study', 'compare'); "
+                                              "'list', 'stop', 'stacks', 'demo', 'record', 'plot', 'period-study', "
+                                              "'compare', 'policy', 'replay'); "
                                               "see 'balloonlab --help'"),
     "unknown option": usage("demo", "--bogus", message="unrecognized arguments: --bogus; see 'balloonlab --help'"),
     "guest without build": usage("guest", message="the following arguments are required: {build}; "
@@ -146,6 +150,29 @@ CASES: dict[str, Case] = {
                                                  "see 'balloonlab stop --help'"),
     "list with an argument": usage("list", "extra", message="unrecognized arguments: extra; "
                                                             "see 'balloonlab --help'"),
+    "policy run unknown policy": usage("policy", "run", "--policy", "nosuch",
+                                       message=f"argument --policy: unknown policy 'nosuch': {BUILTIN_POLICIES}; "
+                                               "see 'balloonlab policy run --help'"),
+    "policy run no such callable": usage("policy", "run", "--policy", "os:nosuch",
+                                         message="argument --policy: policy 'os:nosuch': 'os' has no attribute "
+                                                 "'nosuch' (built-in policies: mom, pi, psi, qmemman); "
+                                                 "see 'balloonlab policy run --help'"),
+    "policy run no such module": usage("policy", "run", "--policy", "nosuchmodule:f",
+                                       message="argument --policy: policy 'nosuchmodule:f': cannot import module "
+                                               "'nosuchmodule': No module named 'nosuchmodule'; "
+                                               "see 'balloonlab policy run --help'"),
+    "policy run negative budget": usage("policy", "run", "--budget", "-5",
+                                        message="argument --budget: size must not be negative, got '-5'; "
+                                                "see 'balloonlab policy run --help'"),
+    "policy run no guests": usage("policy", "run", "--guests", "0",
+                                  message="guests must be an int from 1 to 16, got 0; "
+                                          "see 'balloonlab policy run --help'"),
+    "policy run workload above memory": usage("policy", "run", "--high", "600M",
+                                              message="need 0 <= low <= high < memory, got low=32 MiB, high=600 MiB, "
+                                                      "memory=512 MiB; see 'balloonlab policy run --help'"),
+    "replay unknown policy": usage("replay", "run", "--policy", "mom,nosuch",
+                                   message=f"argument --policy: unknown policy 'nosuch': {BUILTIN_POLICIES}; "
+                                           "see 'balloonlab replay --help'"),
     # -- exit 1: what the command line names does not work
     "guest build missing kernel": failure("guest", "build", "--kernel", "vmlinuz",
                                           message="kernel vmlinuz does not exist or is not a readable file"),
@@ -204,6 +231,19 @@ CASES: dict[str, Case] = {
                                           "quotes at line 1); the run folder is damaged"),
     "plot out is a folder": failure("plot", "run", "--out", ".", setup=files({"run/run.json": "{}"}),
                                     message="--out . is a folder; pass the path of the PNG to write"),
+    "replay not a run folder": failure("replay", "run", setup=files({"run": "/"}),
+                                       message="run is not a balloonlab run folder (no run.json); pass a folder made "
+                                               "by 'balloonlab policy run' or 'balloonlab record'"),
+    "replay missing folder": failure("replay", "nope", message="run folder nope does not exist; pass a folder made by "
+                                                               "'balloonlab policy run' or 'balloonlab record'"),
+    "replay a damaged run": failure("replay", "run", setup=files({"run/run.json": "{"}),
+                                    message="run/run.json is not valid JSON (Expecting property name enclosed in "
+                                            "double quotes at line 1); the run folder is damaged"),
+    "replay a run without samples": failure("replay", "run", setup=files({"run/run.json": "{}"}),
+                                            message="the run has no samples: there is nothing to replay a policy on"),
+    "replay no policy": usage("replay", "run", "--policy", ",",
+                              message="argument --policy: no policy given: name at least one, e.g. --policy mom; "
+                                      "see 'balloonlab replay --help'"),
     "stop unknown guest": failure("stop", "nosuch", env={"BALLOONLAB_RUNTIME_DIR": "rt"},
                                   message="no running guest named 'nosuch' (running: none); 'balloonlab list' shows "
                                           "the guests balloonlab launched"),
@@ -321,3 +361,40 @@ def test_stop_of_a_detached_builtin_guest(spec, guest_name: str, tmp_path: Path)
                                    "shows the guests balloonlab launched")
     finally:
         asyncio.run(shutdown_if_left())
+
+
+def test_policy_run_then_replay_of_that_run(builtin_ready: Path, tmp_path: Path) -> None:
+    """Two built-in guests under a 600 MiB budget with MOM for 25 s (about 40 s with the launches),
+    then MOM and qmemman replayed on the recording."""
+    result = run("policy", "run", "--guests", "2", "--memory", "512M", "--budget", "600M", "--duration", "25",
+                 "--cycle", "20", "--runs", "runs", cwd=tmp_path, timeout=120)
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout
+    assert result.stdout.startswith("2 guests of 512 MiB, budget 600 MiB, policy mom, 25 s\n"), result.stdout
+    table = re.search(r"^ +footprint_gib_s +footprint_mean_bytes .* budget_violation_s .*\nrun *\nmom +\d+\.\d +",
+                      result.stdout, re.M)
+    assert table, result.stdout  # the score table: one row, the policy's
+    folder = re.search(r"^run folder: (runs/\S+-overcommit)$", result.stdout, re.M)
+    assert folder, result.stdout
+    path = tmp_path / folder.group(1)
+    meta = json.loads((path / "run.json").read_text())
+    assert meta["policy"]["name"] == "mom" and meta["policy"]["budget"] == 600 << 20
+    assert sorted(meta["policy"]["limits"]) == ["oc0", "oc1"]
+    assert (path / "host").is_dir() and (path / "plot-policy.png").stat().st_size > 10_000
+
+    replayed = run("replay", folder.group(1), "--policy", "mom,qmemman", "--out", "r", cwd=tmp_path)
+    assert (replayed.returncode, replayed.stderr) == (0, ""), replayed.stdout
+    rows = re.findall(r"^(\S+) +\d+\.\d +", replayed.stdout, re.M)
+    assert rows == ["live", "mom", "qmemman"], replayed.stdout
+    assert "mom's replayed decisions against its live ones:" in replayed.stdout
+    agreement = re.search(r"^open_loop +(\d+) +([\d.]+) ", replayed.stdout, re.M)
+    assert agreement and int(agreement.group(1)) >= 2 * 8, replayed.stdout  # a decision every 2 s per guest
+    assert float(agreement.group(2)) >= 0.95, replayed.stdout
+    assert re.search(r"^closed_loop +\d+ +[\d.]+ ", replayed.stdout, re.M), replayed.stdout
+    out = tmp_path / "r"
+    assert (out / "scores.csv").read_text().splitlines()[0].startswith("run,footprint_gib_s,")
+    assert [line.split(",")[0] for line in (out / "scores.csv").read_text().splitlines()[1:]] == \
+        ["live", "mom", "qmemman"]
+    scores = json.loads((out / "scores.json").read_text())
+    assert list(scores) == ["live", "mom", "qmemman"] and "budget_violation_s" in scores["mom"]
+    assert (out / "replay.png").stat().st_size > 10_000
+    assert "scores: r/scores.csv\nplot:   r/replay.png" in replayed.stdout

@@ -95,7 +95,7 @@ def test_committed_notebooks_are_stripped_of_outputs():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "strip-notebook-outputs"), "--check"],
                             check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"run scripts/strip-notebook-outputs:\n{result.stdout}"
-    assert len(list(NOTEBOOKS.glob("*.ipynb"))) == 9
+    assert len(list(NOTEBOOKS.glob("*.ipynb"))) == 10
 
 
 def test_quickstart_records_samples_plots_and_saves_the_run(kernel_env, tmp_path):
@@ -240,3 +240,42 @@ def test_memory_pressure_notebook_reaches_none_global_and_critical_on_a_real_gue
     assert number(r"(?m)^oom: critical \((\d+) OOM kills", text) >= 1
     assert number(r"the agent lost (\d+) MiB of 460 MiB", text) >= 32  # at least one 32 MiB holder
     assert outputs(nb, "image/png").count("iVBOR") >= 1  # the pressure plot
+
+
+#: One line a run in notebook 10's table (live, then each replayed policy).
+POLICY_LINE = (r"(?m)^{}: ([\d.]+) s over budget, peak (\d+) MiB, (\d+) s of guest pressure, swap (\d+) MiB, "
+               r"(\d+) target changes, footprint ([\d.]+) GiB·s$")
+
+
+# Four guests launched one by one, 60 s of MOM live, then seven policies replayed on the model:
+# about 2 min alone, more on a loaded host; the suite's 180 s is too short.
+@pytest.mark.timeout(600)
+def test_policies_notebook_runs_mom_live_and_replays_every_policy_on_its_run(kernel_env, tmp_path):
+    nb, workdir = run_notebook("10-policies.ipynb", tmp_path, cell_timeout_s=400)
+    text = outputs(nb)
+    assert "4 guests of 512 MiB under a 1 GiB budget, 60 s, workloads cycling every 40 s" in text
+    # -- MOM live: over the budget only while the first cycle's workloads rise
+    live = re.search(r"(?m)^live mom: ([\d.]+) s over budget in ([\d.]+) s, peak (\d+) MiB, (\d+) s of guest "
+                     r"pressure, (\d+) target changes$", text)
+    assert live, text
+    over, span, peak, _, changes = map(float, live.groups())
+    assert 50 <= span <= 65 and over < 0.35 * span, live.group(0)
+    assert peak < 1.25 * 1024 and changes >= 8, live.group(0)
+    # -- every policy replayed: a line each; the table's live row is the live score
+    rows = {}
+    for name in ("live", "none", "mom", "qmemman", "psi", "psi-128", "pi", "mine"):
+        found = re.search(POLICY_LINE.format(re.escape(name)), text)
+        assert found, f"no line for {name}:\n{text}"
+        rows[name] = [float(v) for v in found.groups()]
+    assert rows["live"][0] == pytest.approx(over, abs=0.05) and rows["live"][4] == changes
+    assert rows["none"][0] > over and rows["none"][4] == 0  # without a policy: longer over the budget
+    assert rows["none"][1] > rows["mom"][1]  # and higher
+    # -- MOM on the recorded frames takes its live decisions
+    agree = number(r"(?m)^MOM replayed open-loop: ([\d.]+) % of \d+ live decisions agree", text)
+    assert agree >= 95
+    assert number(r"(?m)^MOM replayed open-loop: [\d.]+ % of (\d+) live decisions", text) >= 4 * 20
+    assert re.search(r"(?m)^MOM replayed closed-loop: [\d.]+ % of \d+ live decisions agree", text)
+    assert re.search(r"(?m)^oc\d: proposed \d+ MiB \(used \d+ MiB \+ headroom 96 MiB\), set \d+ MiB", text)  # why
+    assert outputs(nb, "image/png").count("iVBOR") >= 2  # the live run and the replay
+    runs = list((workdir / "runs").glob("*-overcommit"))
+    assert len(runs) == 1 and (runs[0] / "plot-policy.png").exists() and (runs[0] / "host").is_dir()

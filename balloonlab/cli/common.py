@@ -53,6 +53,23 @@ def runs_root(path: str) -> Path:
 
 
 
+def open_run(path: str, made_by: str = "'balloonlab demo' or 'balloonlab record'") -> Any:
+    """``load_run(path)`` with one-line errors that say what to pass instead.
+
+    :raises BalloonLabError: the folder is missing, not a folder, or not a run folder.
+    :raises ValueError: its run.json is damaged (the message names it).
+    """
+    from balloonlab.record.store import load_run
+    folder, hint = Path(path), f"pass a folder made by {made_by}"
+    if not folder.exists():
+        raise BalloonLabError(f"run folder {folder} does not exist; {hint}")
+    if not folder.is_dir():
+        raise BalloonLabError(f"{folder} is not a folder; pass a run folder (the one holding run.json)")
+    if not (folder / "run.json").is_file():
+        raise BalloonLabError(f"{folder} is not a balloonlab run folder (no run.json); {hint}")
+    return load_run(folder)
+
+
 class AddCommand(Protocol):
     """``command(name, summary, func, under=None)``: a subparser wired to ``func(args) -> int``."""
 

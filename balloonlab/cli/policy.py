@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from balloonlab.cli.common import AddCommand, UsageError, runs_root, seconds
+from balloonlab.cli.common import AddCommand, UsageError, open_run, runs_root, seconds
 from balloonlab.model.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -70,9 +70,8 @@ def _cmd_policy_run(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from balloonlab.analysis.policy_plot import plot_replay
     from balloonlab.experiments.replay import compare_decisions, replay
-    from balloonlab.record.store import load_run
-    run = load_run(args.run)
-    result = replay(run, args.policy, budget=args.budget)
+    run = open_run(args.run, "'balloonlab policy run' or 'balloonlab record'")
+    result = replay(run, args.policy, budget=args.budget)  # ValueError for a run without samples: one line
     table = result.table()
     print(format_scores(table))
     if result.live_name is not None and result.live_name in result.policies:
@@ -90,7 +89,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _policies(text: str) -> list[str]:
-    return [_policy(part.strip()) for part in text.split(",") if part.strip()]
+    named = [_policy(part.strip()) for part in text.split(",") if part.strip()]
+    if not named:
+        raise argparse.ArgumentTypeError("no policy given: name at least one, e.g. --policy mom")
+    return named
 
 
 def register(command: AddCommand) -> None:

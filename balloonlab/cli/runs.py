@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import signal
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from balloonlab.cli.common import AddCommand, UsageError, runs_root, seconds
+from balloonlab.cli.common import AddCommand, UsageError, open_run, runs_root, seconds
 from balloonlab.experiments import Experiment, Schedule
 from balloonlab.model.errors import BalloonLabError, MonitorError
 from balloonlab.model.units import format_size
@@ -189,21 +188,10 @@ def _cmd_record(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- plot
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from balloonlab.record.store import load_run
-    folder, hint = Path(args.run), "pass a folder made by 'balloonlab demo' or 'balloonlab record'"
-    if not folder.exists():
-        raise BalloonLabError(f"run folder {folder} does not exist; {hint}")
-    if not folder.is_dir():
-        raise BalloonLabError(f"{folder} is not a folder; pass a run folder (the one holding run.json)")
-    if not (folder / "run.json").is_file():
-        raise BalloonLabError(f"{folder} is not a balloonlab run folder (no run.json); {hint}")
+    folder = Path(args.run)
     if args.out is not None and Path(args.out).is_dir():
         raise BalloonLabError(f"--out {args.out} is a folder; pass the path of the PNG to write")
-    try:
-        run = load_run(folder)
-    except json.JSONDecodeError as exc:
-        raise BalloonLabError(f"{folder / 'run.json'} is not valid JSON ({exc.msg} at line {exc.lineno}); "
-                              "the run folder is damaged") from None
+    run = open_run(args.run)
     if not len(run.samples):
         raise BalloonLabError(f"run {folder} has no samples to plot")
     from balloonlab.analysis.plotting import save_run_plot

@@ -281,6 +281,11 @@ def _simulate(policy: Policy, name: str, run: RecordedRun, samples: pd.DataFrame
             for g, target in moved.items():
                 if g in balloons:
                     balloons[g].target = target
+    if "oom_kills" in out:  # a guest whose kernel has no OOM counter: the model's count, from 0
+        for g, acc in swap.items():
+            if acc[3]:
+                column = out["oom_kills"][traces[g].rows]
+                out["oom_kills"][traces[g].rows] = np.where(np.isnan(column), 0.0, column)
     return PolicyReplay(name, _with(samples, out, 0, len(samples)), _with(host, h_out, 0, len(host)),
                         events_frame(rows))
 
@@ -307,6 +312,8 @@ def replay(run: RecordedRun, policies: Policy | str | Sequence[Policy | str] | M
     """
     meta = policy_meta(run)
     interval = float(interval_s or meta.get("interval_s") or DEFAULT_INTERVAL_S)
+    if not len(run.samples) or "guest" not in run.samples.columns:
+        raise ValueError("the run has no samples: there is nothing to replay a policy on")
     samples = sort_samples(run.samples)
     traces = guest_traces(samples, headroom_bytes=headroom_bytes, swap_bytes=swap_bytes)
     host = _host_frame(run, samples, traces)

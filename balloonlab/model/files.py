@@ -60,3 +60,15 @@ def atomic_write_json(path: Path, payload: Any, *, fsync: bool = False) -> None:
     """
     data = json.dumps(payload, indent=1, default=str).encode()
     write_durably(path, lambda file: file.write(data), new=False, fsync=fsync)
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The JSON document at ``path``.
+
+    :raises ValueError: it is not valid JSON; the message names the file, where, and ends with
+        ``what`` (e.g. "the run folder is damaged").
+    """
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); {what}") from None

@@ -44,7 +44,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from balloonlab.model.files import atomic_write_json, fsync_dir, write_durably
+from balloonlab.model.files import atomic_write_json, fsync_dir, read_json, write_durably
 from balloonlab.record.buffer import concat_frames
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,7 @@ class RunWriter:
               host_first: int | None = None) -> tuple[int, int]:
         """Write the rows not yet on disk, one part per table; return :attr:`durable`.
 
-        :param samples: consecutive rows of the samples table (may be empty), with ``guest``.
-        :param events: consecutive rows of the events table (may be empty).
+        :param samples: and ``events``, ``host``: consecutive rows of each table (may be empty).
         :param first: the numbers of each frame's first row (default :attr:`durable`: the
             frames continue where the disk ends). Rows already on disk are skipped, so frames
             taken before an earlier flush can be handed again harmlessly.
@@ -380,8 +379,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     folder = Path(path)
     meta_path = folder / "run.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{folder} is not a balloonlab run folder (no run.json)")
-    metadata = json.loads(meta_path.read_text())
+        why = "does not exist" if not folder.exists() else "is not a balloonlab run folder (no run.json)"
+        raise FileNotFoundError(f"{folder} {why}")
+    metadata = read_json(meta_path, "the run folder is damaged")
     run_format = int(metadata.get("format", 1))
     skipped: list[Path] = []
     samples, events = (read_table(folder, table, skipped=skipped, run_format=run_format) for table in TABLES[:2])
