@@ -61,17 +61,19 @@ def test_meminfo_vmstat_and_psi_are_parsed_to_bytes_counts_and_percent():
 
 def test_a_host_row_has_every_source_the_guests_and_the_budget(tmp_path):
     reader = HostReader("h1", root=fake_root(tmp_path))
-    row = reader.read({"a": (300 << 20, 200 << 20), "b": (150 << 20, None), "remote": (None, None)},
-                      budget=1 << 30)
+    row = reader.read({"a": (300 << 20, 200 << 20), "b": (150 << 20, None)}, budget=1 << 30)
     assert row["host"] == "h1" and row["mem_free"] == 8000000 * 1024 and row["oom_kill"] == 2
     assert row["psi_some_avg10"] == 1.25 and row["ksm_pages_sharing"] == 40 and row["ksm_general_profit"] == -4096
-    assert row["guests"] == 3 and row["guests_rss"] == 450 << 20
-    # a's guest RAM; b's RSS (no RAM blocks known); the remote guest counts nothing
+    assert row["guests"] == 2 and row["guests_rss"] == 450 << 20
+    # a's guest RAM; b's RSS (no RAM blocks known)
     assert row["guests_ram"] == 350 << 20
     assert row["rss.a"] == 300 << 20 and row["guest_ram.a"] == 200 << 20 and "guest_ram.b" not in row
-    assert "rss.remote" not in row
     assert row["budget"] == 1 << 30 and row["budget_available"] == (1 << 30) - (350 << 20)
-    assert footprint(None, None) == 0 and footprint(5, 3) == 3 and footprint(5, None) == 5
+    assert footprint(None, None) is None and footprint(5, 3) == 3 and footprint(5, None) == 5
+    # a guest the host cannot see (a remote one): the budget's use is unknown, never read as 0
+    unseen = reader.read({"a": (300 << 20, 200 << 20), "remote": (None, None)}, budget=1 << 30)
+    assert unseen["guests"] == 2 and unseen["guests_rss"] == 300 << 20 and "rss.remote" not in unseen
+    assert "guests_ram" not in unseen and "budget_available" not in unseen and unseen["budget"] == 1 << 30
 
 
 def test_a_host_without_psi_or_ksm_leaves_those_columns_missing_not_zero(tmp_path):

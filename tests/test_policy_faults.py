@@ -37,6 +37,8 @@ class Script:
             raise answer
         if isinstance(answer, tuple) and answer[0] == "sleep":
             time.sleep(answer[1])
+            if isinstance(answer[2], Exception):
+                raise answer[2]
             return answer[2]
         return answer
 
@@ -54,6 +56,7 @@ async def test_a_faulty_policy_never_moves_a_guest_past_its_limits_and_the_run_k
         ["not", "a", "mapping"],                 # 7: not targets at all
         ("sleep", 1.5, {name: 200 * MiB}),       # 8: too slow: its answer is dropped
         {},                                      # 9: skipped while 8 still runs, or nothing
+        ("sleep", 1.2, KeyError("late")),        # too slow, then raises: still recorded
         # 10-12: below the floor (128 MiB, 25 % of 512): down by at most the step (128 MiB) a time
         *[Decision({name: 10 * MiB}, {name: {"reason": "squeeze"}})] * 3,
     ]
@@ -65,6 +68,8 @@ async def test_a_faulty_policy_never_moves_a_guest_past_its_limits_and_the_run_k
         await sampler.add(guest)
         with pytest.warns(PolicyWarning) as warned:
             loop = sampler.run_policy(policy, interval_s=0.5, timeout_s=0.6)
+            with pytest.raises(ValueError, match="a policy is already running on this sampler"):
+                sampler.run_policy(Script([]))
             deadline = time.monotonic() + 30
             while policy.answers and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
@@ -83,7 +88,8 @@ async def test_a_faulty_policy_never_moves_a_guest_past_its_limits_and_the_run_k
     errors = events[events["kind"] == "policy_error"]["detail"].tolist()
     text = "\n".join(errors)
     for expected in ("raised ZeroDivisionError: bug in the policy", "is negative", "is not finite",
-                     "above the guest's memory", "no guest 'ghost'", "not list", "ran longer than 0.6 s"):
+                     "above the guest's memory", "no guest 'ghost'", "not list", "ran longer than 0.6 s",
+                     "the late call the policy raised KeyError: 'late'"):
         assert expected in text, f"no policy_error saying {expected!r} in:\n{text}"
     assert len([w for w in warned if issubclass(w.category, PolicyWarning)]) >= 7
     decisions = events[(events["kind"] == "policy") & (events["guest"] == name)]

@@ -70,6 +70,15 @@ def test_a_policy_returns_a_mapping_a_decision_or_nothing_and_anything_else_is_n
     assert split_decision(None) == ({}, {})
     with pytest.raises(TypeError, match="not list"):
         split_decision([1, 2])
+    with pytest.raises(TypeError, match="targets are"):
+        split_decision(Decision([("a", 1)]))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a dict of reasons per guest"):
+        split_decision(Decision({"a": 1}, {"a": 5}))  # type: ignore[dict-item]
+
+
+def test_an_integer_beyond_any_float_is_refused_not_raised():
+    out = enforce_limits({"a": 10**400}, limits(target=300 * MiB))
+    assert out.targets["a"] == 300 * MiB and "above the guest's memory" in out.refused["a"]
 
 
 def test_the_host_as_a_policy_counts_it_with_and_without_a_budget():

@@ -388,6 +388,17 @@ def test_a_run_without_policy_or_host_frame(live):
     assert (events["kind"] == "target").sum() == 3 * 2  # 1 GiB -> 768 -> 512 MiB
 
 
+def test_a_baseline_without_policy_keeps_its_budget_from_the_host_frame(live):
+    """Overcommit(None) records no policy: the budget is in its host frame, and replay uses it."""
+    budgeted = record(Ewma(), budget=2 * GiB)
+    baseline = Run(Path("baseline"), budgeted.samples, budgeted.events.iloc[:0], {"overcommit": {"budget": 2 * GiB}},
+                   host=budgeted.host)
+    assert (budgeted.host["budget"] == 2 * GiB).all()
+    assert replay(baseline, Static(1.0)).budget == 2 * GiB
+    assert replay(baseline, Static(1.0), budget="none").budget is None
+    assert replay(Run(Path("plain"), live.samples, live.events.iloc[:0], {}), Static(1.0)).budget is None
+
+
 def test_plot_replay_returns_a_figure(live, tmp_path):
     fig = plot_replay(replay(live, [Static(0.5)], budget=2 * GiB))
     assert isinstance(fig, Figure) and len(fig.axes) == 2 * 2 + 6
@@ -396,8 +407,5 @@ def test_plot_replay_returns_a_figure(live, tmp_path):
 
 
 def test_a_policy_spec_is_loaded_by_name(live):
-    policies = pytest.importorskip("balloonlab.policies")
-    if not hasattr(policies, "load_policy"):
-        pytest.skip("balloonlab.policies.load_policy is not there yet")
     result = replay(live, "mom")
     assert len(result.policies) == 1 and len(next(iter(result.policies.values())).samples) == len(live.samples)

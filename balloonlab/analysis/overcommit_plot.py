@@ -19,8 +19,9 @@ MiB = 1 << 20
 
 
 def plot_policy_run(run: Any, *, fig: Figure | None = None, title: str | None = None) -> Figure:
-    """Top: the guests' QEMU RSS stacked, with the budget (host frame); below, one axes per
-    guest: target, actual and the workload's holding (events), with ``policy_error`` marks.
+    """Top: the guests' resident guest RAM stacked (what a budget counts; QEMU RSS where a guest's
+    RAM is unknown), with the budget (host frame); below, one axes per guest: target, actual and
+    the workload's holding (events), with ``policy_error`` marks.
 
     :param run: a Run (``samples``, ``events``, ``host`` frames and ``metadata``).
     """
@@ -32,17 +33,21 @@ def plot_policy_run(run: Any, *, fig: Figure | None = None, title: str | None = 
     axes = fig.subplots(len(guests) + 1, 1, sharex=True, squeeze=False)[:, 0]
     top = axes[0]
     if len(host):
-        rss_columns = [c for c in host.columns if c.startswith("rss.")]
+        names = sorted({c.split(".", 1)[1] for c in host.columns if c.startswith(("rss.", "guest_ram."))})
         x = host.index
-        stacked = np.vstack([host[c].astype("Float64").fillna(0).to_numpy(float) / MiB for c in rss_columns]) \
-            if rss_columns else np.zeros((0, len(host)))
-        if len(rss_columns):
-            top.stackplot(x, stacked, labels=[c.removeprefix("rss.") for c in rss_columns], alpha=0.75)
+
+        def footprint(name: str) -> np.ndarray:
+            ram = host.get(f"guest_ram.{name}", pd.Series(pd.NA, index=host.index, dtype="Float64"))
+            rss = host.get(f"rss.{name}", pd.Series(pd.NA, index=host.index, dtype="Float64"))
+            return np.asarray(ram.astype("Float64").fillna(rss.astype("Float64")).fillna(0).to_numpy(float)) / MiB
+        if names:
+            top.stackplot(x, np.vstack([footprint(n) for n in names]), labels=names, alpha=0.75)
+        rss_columns = names
         if "budget" in host and host["budget"].notna().any():
             top.plot(x, host["budget"].astype("Float64").to_numpy(float) / MiB, color="crimson", lw=1.6,
                      ls="--", label="budget")
         top.legend(loc="upper left", fontsize=7, ncol=min(6, len(rss_columns) + 1))
-    top.set_ylabel("QEMU RSS (MiB)")
+    top.set_ylabel("guest RAM (MiB)")
     policy = (getattr(run, "metadata", {}) or {}).get("policy") or {}
     top.set_title(title or f"policy: {policy.get('name', 'none')}")
     for ax, name in zip(axes[1:], guests, strict=True):

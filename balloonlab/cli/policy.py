@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from balloonlab.cli.common import AddCommand, UsageError, open_run, runs_root, seconds
 from balloonlab.model.units import format_size, parse_size
@@ -71,9 +71,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from balloonlab.analysis.policy_plot import plot_replay
     from balloonlab.experiments.replay import compare_decisions, replay
     run = open_run(args.run, "'balloonlab policy run' or 'balloonlab record'")
-    result = replay(run, args.policy, budget=args.budget)  # ValueError for a run without samples: one line
+    budget: int | Literal["none"] | None = "none" if args.budget == 0 else args.budget  # 0: the real host
+    result = replay(run, args.policy, budget=budget)  # ValueError for a run without samples: one line
     table = result.table()
     print(format_scores(table))
+    print("(oom_kills and alloc_stalls of a replay are the recording's, plus the model's own OOMs)")
     if result.live_name is not None and result.live_name in result.policies:
         agreement = compare_decisions(run, result)
         print(f"\n{result.live_name}'s replayed decisions against its live ones:")
@@ -119,6 +121,7 @@ def register(command: AddCommand) -> None:
     replay_cmd.add_argument("run", help="a run folder (e.g. from `balloonlab policy run`)")
     replay_cmd.add_argument("--policy", type=_policies, default=["mom", "qmemman", "psi", "pi"],
                             help="comma-separated: " + POLICY_HELP + " (default: the four built-in ones)")
-    replay_cmd.add_argument("--budget", type=_size, default=None, help="the budget (default: the run's)")
+    replay_cmd.add_argument("--budget", type=_size, default=None,
+                            help="the budget (default: the run's; 0: none, the recorded real host)")
     replay_cmd.add_argument("--out", default=None, help="where scores.csv and replay.png go (default RUN/replay)")
 

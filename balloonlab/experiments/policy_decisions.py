@@ -50,6 +50,18 @@ def policy_meta(run: RecordedRun) -> dict[str, Any]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
+def recorded_budget(run: RecordedRun) -> int | None:
+    """The run's host budget: its policy's, else the host frame's last ``budget`` (a run recorded
+    without a policy, e.g. ``Overcommit(None)``'s baseline, keeps it there), else None."""
+    budget = policy_meta(run).get("budget")
+    if budget is not None:
+        return int(budget)
+    host = getattr(run, "host", None)
+    if isinstance(host, pd.DataFrame) and "budget" in host.columns and host["budget"].notna().any():
+        return int(host["budget"].dropna().iloc[-1])
+    return None
+
+
 def recorded_limits(run: RecordedRun) -> dict[str, GuestLimits]:
     """Each guest's limits as recorded (target: ``initial_target``); a run without a policy gets
     the default limits of its guests, the memory being the largest ``actual``/``target`` seen."""
@@ -182,7 +194,7 @@ def open_loop(run: RecordedRun, policy: Policy, *, name: str | None = None, host
                   for guest, lim in initial.items()}
         lo, hi = window(samples, s_ns, t, win)
         hlo, hhi = window(host, h_ns, t, win) if len(host) else (0, 0)
-        view = PolicyView(now, host.iloc[hlo:hhi], samples.iloc[lo:hi], dict(limits), meta.get("budget"))
+        view = PolicyView(now, host.iloc[hlo:hhi], samples.iloc[lo:hi], dict(limits), recorded_budget(run))
         rows += decide(policy, view, limits, name or policy_name(policy), max_step_fraction=step)[0]
     return events_frame(rows)
 

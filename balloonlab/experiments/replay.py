@@ -34,7 +34,8 @@ from balloonlab.analysis.demand import (DEFAULT_HEADROOM_BYTES, GuestTrace, ball
 from balloonlab.analysis.policy_score import score, score_table
 from balloonlab.experiments.policy_decisions import (DecisionComparison, RecordedRun, compare_decisions, decide,
                                                      decision_times, events_frame, last_before, live_targets, ns,
-                                                     open_loop, policy_meta, recorded_limits, window)
+                                                     open_loop, policy_meta, recorded_budget, recorded_limits,
+                                                     window)
 from balloonlab.model.policy import DEFAULT_MAX_STEP_FRACTION, GuestLimits, Policy, PolicyView, policy_name
 
 #: The live loop's defaults, for runs recorded without a policy.
@@ -303,7 +304,8 @@ def replay(run: RecordedRun, policies: Policy | str | Sequence[Policy | str] | M
     ``run.metadata["policy"]["name"]``) also open-loop.
 
     :param policies: one policy or spec, several, or ``{name: policy}``.
-    :param budget: the host budget in bytes; None: the recorded one; ``"none"``: no budget.
+    :param budget: the host budget in bytes; None: the recorded one (the policy's, else the host
+        frame's); ``"none"``: no budget.
     :param interval_s: and ``window_s``, ``max_step_fraction``: default the recorded ones (a run
         without a policy: the live loop's defaults).
     :param rate_bytes_s: how fast a balloon moves (default: the recording's; ``math.inf``: at once).
@@ -318,7 +320,7 @@ def replay(run: RecordedRun, policies: Policy | str | Sequence[Policy | str] | M
     traces = guest_traces(samples, headroom_bytes=headroom_bytes, swap_bytes=swap_bytes)
     host = _host_frame(run, samples, traces)
     result = ReplayResult(
-        meta.get("name"), None if budget == "none" else (meta.get("budget") if budget is None else int(budget)),
+        meta.get("name"), None if budget == "none" else (recorded_budget(run) if budget is None else int(budget)),
         interval, float(window_s or meta.get("window_s") or DEFAULT_WINDOW_S),
         float(max_step_fraction or meta.get("max_step_fraction") or DEFAULT_MAX_STEP_FRACTION),
         float(rate_bytes_s if rate_bytes_s is not None else balloon_rate(samples)),

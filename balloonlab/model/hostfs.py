@@ -10,7 +10,8 @@ rest (the TCG translation buffer and QEMU's own heap, about 110 MiB per built-in
 a few MiB under KVM) is no policy's to reclaim, and under TCG it would use up a small budget
 before any guest touched memory. One read costs about 0.33 ms of CPU (benchmarks/policy_cost.py: 11x a
 read of /proc/meminfo alone; four /proc files and seven one-line KSM files), so the host is read
-once per ``host_interval_s`` (0.03 % of a core at 1 s), not per guest sample.
+once per ``host_interval_s`` (0.03 % of a core at 1 s), not per guest sample. Each host row also
+reads every local guest's ``host_memory()`` (0.26-0.35 ms per guest, benchmarks/host_view_cost.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class HostReader:
             where unknown: a remote guest, a layout not found yet); gives ``guests``,
             ``guests_rss``, ``guests_ram``, ``rss.<guest>`` and ``guest_ram.<guest>``.
         :param budget: the host memory budget in bytes, if a policy has one: ``budget_available``
-            is the budget minus the guests' footprints (guest RAM, or RSS where it is unknown).
+            is the budget minus the guests' footprints (guest RAM, or RSS where it is unknown);
+            ``guests_ram`` and ``budget_available`` are left out (NA) while a guest's footprint is
+            unknown: a missing guest never makes the budget look emptier than it is.
         """
         row: dict[str, object] = {"host": self.name}
         row.update(parse_meminfo(_read(self._meminfo)))
@@ -54,7 +57,9 @@ class HostReader:
         given = guests or {}
         row["guests"] = len(given)
         row["guests_rss"] = sum(rss for rss, _ in given.values() if rss is not None)
-        row["guests_ram"] = sum(footprint(rss, ram) for rss, ram in given.values())
+        footprints = [footprint(rss, ram) for rss, ram in given.values()]
+        if None not in footprints:
+            row["guests_ram"] = sum(f for f in footprints if f is not None)
         for guest, (rss, ram) in given.items():
             if rss is not None:
                 row[f"rss.{guest}"] = rss
@@ -62,7 +67,8 @@ class HostReader:
                 row[f"guest_ram.{guest}"] = ram
         if budget is not None:
             row["budget"] = budget
-            row["budget_available"] = budget - int(row["guests_ram"])  # type: ignore[call-overload]
+            if "guests_ram" in row:
+                row["budget_available"] = budget - int(row["guests_ram"])  # type: ignore[call-overload]
         return row
 
     def _read_ksm(self) -> dict[str, int]:
@@ -75,10 +81,10 @@ class HostReader:
         return out
 
 
-def footprint(rss: int | None, guest_ram: int | None) -> int:
+def footprint(rss: int | None, guest_ram: int | None) -> int | None:
     """What a guest counts against a budget: its resident guest RAM (what a balloon or virtio-mem
-    can give back), its QEMU's RSS where that is unknown, 0 when neither is known."""
-    return guest_ram if guest_ram is not None else rss if rss is not None else 0
+    can give back), its QEMU's RSS where that is unknown, None when neither is known."""
+    return guest_ram if guest_ram is not None else rss
 
 
 def _read(path: Path) -> str:

@@ -229,7 +229,10 @@ def _refusal(value: object, lim: GuestLimits) -> str | None:
     """Why ``value`` cannot be a target of this guest, or None."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"target {value!r} is not a number of bytes"
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float: far above any guest's memory
+        return f"target {value!r:.40} is above the guest's memory {lim.max_bytes} B"
     if not math.isfinite(number):
         return f"target {value!r} is not finite"
     if number < 0:
@@ -246,6 +249,10 @@ def split_decision(result: object) -> tuple[Mapping[str, Any], Mapping[str, Mapp
         was returned).
     """
     if isinstance(result, Decision):
+        if not isinstance(result.targets, Mapping):
+            raise TypeError(f"a Decision's targets are {{guest: bytes}}, not {type(result.targets).__name__}")
+        if not isinstance(result.why, Mapping) or not all(isinstance(v, Mapping) for v in result.why.values()):
+            raise TypeError("a Decision's why is {guest: {name: value}}: a dict of reasons per guest")
         return result.targets, result.why
     if isinstance(result, Mapping):
         return result, {}

@@ -34,8 +34,12 @@ class HostSide:
         the next interval on, until :meth:`stop` (see :mod:`balloonlab.record.policy_loop`; its
         settings, e.g. ``interval_s``, ``window_s``, ``min_guarantee``, go in ``options``).
 
-        :raises ValueError: an unknown guest, or a setting out of range (the message says which).
+        :raises ValueError: an unknown guest, a setting out of range (the message says which), or a
+            policy already running.
         """
+        if any(loop.running for loop in self._policies):
+            raise ValueError("a policy is already running on this sampler: stop_policies() first (run.json "
+                             "records one policy's settings and limits, and two would fight over the targets)")
         names = list(self._guests) if guests is None else guests
         unknown = [name for name in names if name not in self._guests]
         if unknown:
@@ -96,6 +100,8 @@ class HostSide:
 
     @host_budget.setter
     def host_budget(self, budget: int | None) -> None:
+        if self._host is None and budget is None:
+            return
         if self._host is None:
             raise RuntimeError("this sampler was made with host_interval_s=None: it has no host frame")
         if budget is not None and (type(budget) is not int or budget <= 0):

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import threading
 import time
 import traceback
 import warnings
@@ -110,6 +111,11 @@ class PolicyLoop:
         self._running: asyncio.Future[Any] | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._task is not None
+
     def metadata(self) -> dict[str, Any]:
         """What run.json keeps of this policy (replay reads it)."""
         return {"name": self.name, "interval_s": self.interval_s, "window_s": self.window_s,
@@ -141,7 +147,9 @@ class PolicyLoop:
         start = time.monotonic()
         n = 0
         while True:
-            n += 1
+            # The next tick on the grid still ahead: ticks missed during a stall (a slow
+            # set_target) are skipped, not fired back to back, so the step limit stays per interval.
+            n = max(n + 1, int((time.monotonic() - start) / self.interval_s) + 1)
             await asyncio.sleep(max(0.0, start + n * self.interval_s - time.monotonic()))
             try:
                 await self.decide_once()
@@ -167,8 +175,9 @@ class PolicyLoop:
             samples = samples[samples.index >= cut]
         if len(host):
             host = host[host.index >= cut]
-        return PolicyView(pd.Timestamp(now, unit="s", tz="UTC"), host, samples, dict(self.limits),
-                          self.sampler.host_budget)
+        # Only guests still running: a dead guest's memory is not the policy's to share any more.
+        living = {name: lim for name, lim in self.limits.items() if self.guests[name].alive}
+        return PolicyView(pd.Timestamp(now, unit="s", tz="UTC"), host, samples, living, self.sampler.host_budget)
 
     async def decide_once(self) -> dict[str, int]:
         """One decision now; returns the targets set (empty when nothing moved)."""
@@ -177,26 +186,23 @@ class PolicyLoop:
                                       f"(> {self.timeout_s:g} s)", warn=False)
             return {}
         view = self.view()
-        loop = asyncio.get_running_loop()
-        self._running = loop.run_in_executor(None, self.policy, view)
+        self._running = running = self._call_in_thread(view)
         try:
-            result = await asyncio.wait_for(asyncio.shield(self._running), self.timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(running), self.timeout_s)
         except TimeoutError:
             self._error(POLICY_GUEST, f"the policy ran longer than {self.timeout_s:g} s: its answer is "
                                       "dropped and the targets stay as they are")
+            running.add_done_callback(self._late)
             return {}
         except Exception as exc:
-            where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-            at = f" at {where.filename}:{where.lineno}" if where else ""
-            self._error(POLICY_GUEST, f"the policy raised {type(exc).__name__}: {exc}{at}; "
-                                      "the targets stay as they are")
+            self._error(POLICY_GUEST, f"{_raised(exc)}; the targets stay as they are")
             return {}
         try:
             proposed, why = split_decision(result)
         except TypeError as exc:
             self._error(POLICY_GUEST, str(exc))
             return {}
-        enforced = enforce_limits(proposed, self.limits, max_step_fraction=self.max_step_fraction)
+        enforced = enforce_limits(proposed, view.limits, max_step_fraction=self.max_step_fraction)
         for name, reason in enforced.refused.items():
             self._error(name if name in self.limits else POLICY_GUEST, f"refused: {reason}; kept the last safe target")
         self.decisions += 1
@@ -221,9 +227,46 @@ class PolicyLoop:
                                       at=view.now.timestamp())
         return set_now
 
+    def _call_in_thread(self, view: PolicyView) -> asyncio.Future[Any]:
+        """The policy called on a daemon thread of its own, its outcome a future of this loop.
+        Not the loop's executor: a call that never returns would hold up the interpreter's exit
+        (the executor's threads are joined at exit); a daemon thread is left behind."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        def call() -> None:
+            try:
+                result, error = self.policy(view), None
+            except BaseException as exc:  # handed to the loop: a policy's bug is an event there
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody to tell
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=call, name=f"balloonlab-policy-{self.name}", daemon=True).start()
+        return future
+
+    def _late(self, running: asyncio.Future[Any]) -> None:
+        """A call that outran its timeout ended: its answer stays dropped; an exception is still
+        recorded (it would otherwise go unread)."""
+        if not running.cancelled() and running.exception() is not None:
+            self._error(POLICY_GUEST, f"the late call {_raised(running.exception())}", warn=False)
+
     def _error(self, guest: str, message: str, *, warn: bool = True) -> None:
         self.errors += 1
         self.sampler.record_event(guest, "policy_error", None, f"{self.name}: {message}")
         log.warning("policy %s: %s", self.name, message)
         if warn:
             warnings.warn(f"policy {self.name}: {message}", PolicyWarning, stacklevel=2)
+
+
+def _raised(exc: BaseException | None) -> str:
+    """``the policy raised ZeroDivisionError: ... at file:line``."""
+    if exc is None:
+        return "the policy raised nothing"
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" at {where.filename}:{where.lineno}" if where else ""
+    return f"the policy raised {type(exc).__name__}: {exc}{at}"

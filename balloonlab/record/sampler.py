@@ -97,8 +97,8 @@ class Sampler(HostSide):
         self._samples = sample_buffer()
         self._events = event_buffer()
         self._guests: dict[str, tuple[GuestProtocol, SamplingState]] = {}
-        self._host = None if host_interval_s is None else HostTask(self._guests_memory, interval_s=host_interval_s,
-                                                                   budget=host_budget)
+        self._host = None if host_interval_s is None else HostTask(self._guests_memory, interval_s=host_interval_s)
+        self.host_budget = host_budget  # checked: bytes above 0
         self._writer = RunWriter(run_dir) if run_dir is not None else None
         self._stream = (RunStream(self._writer, self._samples, self._events, max_rows_in_memory,
                                   self._host.buffer if self._host is not None else None)
