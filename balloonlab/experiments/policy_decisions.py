@@ -100,9 +100,14 @@ def live_decisions(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def decision_times(events: pd.DataFrame, interval_s: float) -> tuple[pd.DatetimeIndex, np.ndarray]:
-    """The live decision times: those of ``policy`` events, each gap of ``k`` intervals (k >= 2:
-    ticks with no event, the policy named nobody or failed) filled with ``k - 1`` evenly spaced
-    ticks. Returns (times, inferred: a bool per time)."""
+    """The live decision times: the ``policy_tick`` events (the live loop records one per call);
+    for runs without them, those of ``policy`` events, each gap of ``k`` intervals (k >= 2: ticks
+    with no event, the policy named nobody or failed) filled with ``k - 1`` evenly spaced ticks.
+    Returns (times, inferred: a bool per time)."""
+    kinds = events["kind"].astype(str).to_numpy() if len(events) else np.array([], dtype=str)
+    if (kinds == "policy_tick").any():
+        ticks = np.unique(ns(events.index[kinds == "policy_tick"]))
+        return pd.DatetimeIndex(pd.to_datetime(ticks, utc=True), name="time"), np.zeros(len(ticks), dtype=bool)
     live = np.unique(ns(live_decisions(events).index))
     times: list[int] = []
     inferred: list[bool] = []

@@ -176,7 +176,7 @@ EVENT_COLUMNS: dict[str, SampleKind] = {
 }
 #: The kinds of event a run records.
 EVENT_KINDS: tuple[str, ...] = ("balloon_change", "target", "period", "workload", "reset", "launch",
-                                "shutdown", "error", "policy", "policy_error")
+                                "shutdown", "error", "policy", "policy_tick", "policy_error")
 
 
 def stat_name(qemu_key: str) -> str:

@@ -5,7 +5,8 @@ samples (row numbers remembered per tick, so a decision builds only its window, 
 run), calls the policy in a worker thread (the sampling loop never waits for it), puts its
 answer through :func:`~balloonlab.model.policy.enforce_limits` and sets the targets that moved.
 
-What a run keeps of each decision: a ``policy`` event per guest the policy named (value = the
+What a run keeps of each decision: a ``policy_tick`` event (guest ``policy``) when the policy is
+called, a ``policy`` event per guest the policy named (value = the
 target set, detail = JSON with the policy's name, what it proposed, how the limits changed it
 and the inputs that decided it), and a ``target`` event where the target moved (the balloon's
 own). What goes wrong becomes a ``policy_error`` event and a :class:`PolicyWarning`, and the run
@@ -186,6 +187,8 @@ class PolicyLoop:
                                       f"(> {self.timeout_s:g} s)", warn=False)
             return {}
         view = self.view()
+        # Every call is a tick event, named guests or not: replay calls the policy at these times.
+        self.sampler.record_event(POLICY_GUEST, "policy_tick", None, self.name, at=view.now.timestamp())
         self._running = running = self._call_in_thread(view)
         try:
             result = await asyncio.wait_for(asyncio.shield(running), self.timeout_s)
