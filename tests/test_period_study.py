@@ -287,3 +287,12 @@ def test_the_command_refuses_a_wrong_command_line_in_one_line(tmp_path):
     for message, result in zip(CLI_CASES.values(), results, strict=True):
         assert_one_error(result, 2, f"{message}; see 'balloonlab period-study --help'")
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_two_truth_reads_in_one_uptime_tick_keep_the_later_so_times_strictly_increase():
+    """/proc/uptime counts in 10 ms; a starved guest's loop catching up reads twice in one tick
+    (seen in CI: uptimes 4.26, 4.26): one time, one row, the newer read."""
+    frame = truth_frame("g", ["MemFree"], [(4.02, 1), (4.04, 2), (4.26, 3), (4.26, 4), (4.31, 5)], (4.0, 100.0),
+                        (4.0, 100.0))
+    assert frame["uptime_s"].tolist() == [4.02, 4.04, 4.26, 4.31] and frame["MemFree"].tolist() == [1, 2, 4, 5]
+    assert frame.index.is_unique and frame.index.is_monotonic_increasing and list(frame["guest"]) == ["g"] * 4

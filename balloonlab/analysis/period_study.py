@@ -75,13 +75,19 @@ def truth_frame(guest: str, fields: Sequence[str], rows: Sequence[Sequence[float
     :param rows: ``(uptime_s, value...)`` per sample.
     :param first: clock probe before the recording, see :func:`uptime_to_epoch`.
     :param last: clock probe after it.
+
+    /proc/uptime counts in 10 ms: two reads in one tick (the guest's sampling loop catching up
+    after its vCPU was starved, seen on a loaded host) share an uptime; only the later is kept,
+    so the times are strictly increasing.
     """
     data = np.asarray(rows, dtype=float).reshape(len(rows), len(fields) + 1)
+    if len(data) > 1:
+        data = data[np.append(np.diff(data[:, 0]) > 0, True)]
     epoch = uptime_to_epoch(data[:, 0], first, last)
     index = pd.DatetimeIndex(pd.to_datetime(np.round(epoch * 1e9).astype("int64"), unit="ns", utc=True), name="time")
     frame = pd.DataFrame({name: data[:, i + 1].astype("int64") for i, name in enumerate(fields)}, index=index)
     frame.insert(0, "uptime_s", data[:, 0])
-    frame.insert(0, "guest", pd.Categorical([guest] * len(rows)))
+    frame.insert(0, "guest", pd.Categorical([guest] * len(data)))
     return frame
 
 
