@@ -16,8 +16,6 @@ The run folder is an ordinary run (samples, events, the host frame with ``budget
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,12 +23,12 @@ from pathlib import Path
 
 from balloonlab._version import __version__ as _version
 from balloonlab.domain import DomainSpec
+from balloonlab.experiments.runner import finish_run, launch_recorded
 from balloonlab.experiments.schedule import Schedule, require_positive_s
 from balloonlab.image.builtin import builtin_spec
 from balloonlab.model.policy import Policy, policy_name
 from balloonlab.model.protocols import GuestProtocol
 from balloonlab.model.units import format_size, parse_size
-from balloonlab.qemu.guest import Guest
 from balloonlab.record.sampler import Sampler
 from balloonlab.record.store import Run, load_run, new_run_dir
 
@@ -120,11 +118,7 @@ class Overcommit:
         launched: list[GuestProtocol] = []
         try:
             for spec in specs:
-                t0 = time.monotonic()
-                made = await Guest.launch(spec)
-                launched.append(made)
-                sampler.record_event(made.name, "launch", None, f"launched in {time.monotonic() - t0:.2f} s",
-                                     time.monotonic() - t0)
+                await launch_recorded(spec, sampler, launched)
             await sampler.start()
             for each in launched:
                 await sampler.add(each)
@@ -133,22 +127,7 @@ class Overcommit:
                                    max_step_fraction=self.max_step_fraction)
             await _play(sampler, launched, schedules, self.duration_s, progress)
         finally:
-            problems: list[BaseException] = []
-            await sampler.stop_host()  # no decision about, nor host row without, a guest shutting down
-            for guest in launched:
-                try:
-                    with contextlib.suppress(KeyError):
-                        await sampler.remove(guest.name)
-                    graceful = await guest.shutdown()
-                    sampler.record_event(guest.name, "shutdown", None, "quit" if graceful else "killed")
-                except Exception as exc:
-                    problems.append(exc)
-            try:
-                await sampler.stop()
-            except Exception as exc:
-                problems.append(exc)
-            if problems and sys.exc_info()[1] is None:
-                raise problems[0]
+            await finish_run(sampler, launched)
         run = load_run(run_dir)
         if self.plot and len(run.samples):
             from balloonlab.analysis.overcommit_plot import plot_policy_run

@@ -102,12 +102,7 @@ class Experiment:
             guests: list[GuestProtocol] = []
             for g in given:
                 if isinstance(g, DomainSpec):
-                    t0 = time.monotonic()
-                    made = await Guest.launch(g)
-                    launched.append(made)
-                    sampler.record_event(made.name, "launch", None,
-                                         f"launched in {time.monotonic() - t0:.2f} s", time.monotonic() - t0)
-                    guests.append(made)
+                    guests.append(await launch_recorded(g, sampler, launched))
                 else:
                     guests.append(g)
             await sampler.start()
@@ -115,23 +110,7 @@ class Experiment:
                 await sampler.add(each)
             await self._play(guests, progress)
         finally:
-            # Every launched guest is shut down and the run is finalised whatever failed
-            # above or fails here; the first error of the clean-up is raised after it all.
-            problems: list[BaseException] = []
-            for guest in launched:
-                try:
-                    with contextlib.suppress(KeyError):
-                        await sampler.remove(guest.name)
-                    graceful = await guest.shutdown()
-                    sampler.record_event(guest.name, "shutdown", None, "quit" if graceful else "killed")
-                except Exception as exc:
-                    problems.append(exc)
-            try:
-                await sampler.stop()
-            except Exception as exc:
-                problems.append(exc)
-            if problems and sys.exc_info()[1] is None:
-                raise problems[0]
+            await finish_run(sampler, launched)
         run = load_run(run_dir)
         if self.plot and len(run.samples):
             from balloonlab.analysis.plotting import save_run_plot
@@ -166,3 +145,40 @@ class Experiment:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+async def launch_recorded(spec: DomainSpec, sampler: Sampler, launched: list[GuestProtocol]) -> Guest:
+    """Launch ``spec``, append it to ``launched`` (the guests the run must shut down) and record
+    a ``launch`` event with how long it took."""
+    t0 = time.monotonic()
+    made = await Guest.launch(spec)
+    launched.append(made)
+    took = time.monotonic() - t0
+    sampler.record_event(made.name, "launch", None, f"launched in {took:.2f} s", took)
+    return made
+
+
+async def finish_run(sampler: Sampler, launched: list[GuestProtocol]) -> None:
+    """End a run whatever failed before or fails here: its policies and host frame first (no
+    decision about, nor host row without, a guest shutting down), then every launched guest shut
+    down (a ``shutdown`` event each), then the sampler stopped; the first error of the clean-up is
+    raised after it all, unless an exception is already on its way."""
+    problems: list[BaseException] = []
+    try:
+        await sampler.stop_host()
+    except Exception as exc:
+        problems.append(exc)
+    for guest in launched:
+        try:
+            with contextlib.suppress(KeyError):
+                await sampler.remove(guest.name)
+            graceful = await guest.shutdown()
+            sampler.record_event(guest.name, "shutdown", None, "quit" if graceful else "killed")
+        except Exception as exc:
+            problems.append(exc)
+    try:
+        await sampler.stop()
+    except Exception as exc:
+        problems.append(exc)
+    if problems and sys.exc_info()[1] is None:
+        raise problems[0]
