@@ -34,6 +34,18 @@ def seconds(text: str) -> float:
     return value
 
 
+def size(text: str) -> int:
+    """An argparse type: a size in bytes or with a unit ("128M"), at least 0."""
+    from balloonlab.model.units import parse_size
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 0, got {text!r}")
+    return value
+
+
 def guest_name(text: str) -> str:
     """An argparse type: a name balloonlab could have given a guest."""
     from balloonlab.qemu.registry import validate_name

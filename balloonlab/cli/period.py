@@ -7,7 +7,7 @@ import argparse
 import asyncio
 from typing import TYPE_CHECKING
 
-from balloonlab.cli.common import AddCommand, UsageError, runs_root, seconds
+from balloonlab.cli.common import AddCommand, UsageError, runs_root, seconds, size
 from balloonlab.cli.runs import _ProgressBar
 from balloonlab.model.units import format_size
 
@@ -40,18 +40,6 @@ def _periods(text: str) -> tuple[int, ...]:
 def _holds(text: str) -> tuple[float, ...]:
     """An argparse type: positive, finite seconds separated by commas."""
     return tuple(seconds(part) for part in text.split(","))
-
-
-def _size(text: str) -> int:
-    """An argparse type: a size in bytes or with a unit ("128M"); 0 allowed (no swap)."""
-    from balloonlab.model.units import parse_size
-    try:
-        value = parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a size of at least 0, got {text!r}")
-    return value
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -115,10 +103,10 @@ def register(command: AddCommand) -> None:
     study.add_argument("--holds", type=_holds, default=(1, 2, 4, 8, 16),
                        help="burst hold times, cycled (default 1,2,4,8,16)")
     study.add_argument("--kinds", default="alloc,reclaim", help="burst kinds, alternating (default alloc,reclaim)")
-    study.add_argument("--alloc", type=_size, default=None, help="alloc burst size (default 45%% of MemAvailable)")
-    study.add_argument("--reclaim", type=_size, default=None, help="reclaim burst size (default MemAvailable + 32M)")
-    study.add_argument("--memory", type=_size, default=160 << 20, help="each guest's memory (default 160M)")
-    study.add_argument("--swap", type=_size, default=128 << 20, help="zram swap per guest, 0: none (default 128M)")
+    study.add_argument("--alloc", type=size, default=None, help="alloc burst size (default 45%% of MemAvailable)")
+    study.add_argument("--reclaim", type=size, default=None, help="reclaim burst size (default MemAvailable + 32M)")
+    study.add_argument("--memory", type=size, default=160 << 20, help="each guest's memory (default 160M)")
+    study.add_argument("--swap", type=size, default=128 << 20, help="zram swap per guest, 0: none (default 128M)")
     study.add_argument("--kernel-release", default=None, help="guest kernel, e.g. 6.12 (default: the default image)")
     study.add_argument("--qemu-binary", default=None, help="QEMU to run the guests (default qemu-system-x86_64)")
     study.add_argument("--seed", type=int, default=12, help="seed of the bursts' random gaps (default 12)")

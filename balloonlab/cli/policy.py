@@ -9,20 +9,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from balloonlab.cli.common import AddCommand, UsageError, open_run, runs_root, seconds
+from balloonlab.cli.common import AddCommand, UsageError, open_run, runs_root, seconds, size
 from balloonlab.model.units import format_size, parse_size
 
 if TYPE_CHECKING:
     import pandas as pd
 
 POLICY_HELP = "mom, qmemman, psi, pi, or module:callable (a policy of your own)"
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _policy(text: str) -> str:
@@ -107,7 +100,7 @@ def register(command: AddCommand) -> None:
                      help=POLICY_HELP + "; none: the baseline (default mom)")
     run.add_argument("--guests", type=int, default=4, help="built-in guests (default 4)")
     run.add_argument("--memory", default="512M", help="each guest's memory (default 512M)")
-    run.add_argument("--budget", type=_size, default=parse_size("1G"),
+    run.add_argument("--budget", type=size, default=parse_size("1G"),
                      help="host memory budget for the guests' RAM (default 1G; 0: the real host)")
     run.add_argument("--duration", type=seconds, default=120.0, help="seconds (default 120)")
     run.add_argument("--cycle", type=seconds, default=60.0, help="one rise and fall of every workload (default 60)")
@@ -121,7 +114,7 @@ def register(command: AddCommand) -> None:
     replay_cmd.add_argument("run", help="a run folder (e.g. from `balloonlab policy run`)")
     replay_cmd.add_argument("--policy", type=_policies, default=["mom", "qmemman", "psi", "pi"],
                             help="comma-separated: " + POLICY_HELP + " (default: the four built-in ones)")
-    replay_cmd.add_argument("--budget", type=_size, default=None,
+    replay_cmd.add_argument("--budget", type=size, default=None,
                             help="the budget (default: the run's; 0: none, the recorded real host)")
     replay_cmd.add_argument("--out", default=None, help="where scores.csv and replay.png go (default RUN/replay)")
 
