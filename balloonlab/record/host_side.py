@@ -113,7 +113,7 @@ class HostSide:
         host cannot see it). Between two reads of the split (kernels before 6.7 read it from
         /proc/PID/smaps at most every 10 s) a guest's RAM is its RSS minus the rest last seen,
         so its footprint does not jump by the VMM's ~110 MiB from one host row to the next."""
-        rest: dict[str, int] = self.__dict__.setdefault("_vmm_rest", {})
+        rest = self._host.vmm_rest if self._host is not None else {}
         out: dict[str, tuple[int | None, int | None]] = {}
         for name, (guest, state) in self._guests.items():
             if state.state not in ("starting", "sampling"):

@@ -38,6 +38,9 @@ class HostTask:
         self.reader = reader or HostReader()
         self.budget = budget
         self._guests = guests
+        #: Per guest, its QEMU's RSS minus its guest RAM at the last read that had both (the VMM's
+        #: own memory): a read without the split counts RSS minus this as the guest's RAM.
+        self.vmm_rest: dict[str, int] = {}
         self.task: asyncio.Task[None] | None = None
 
     def read_once(self) -> dict[str, object]:
