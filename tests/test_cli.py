@@ -261,12 +261,16 @@ def outcomes(request: pytest.FixtureRequest,
     wanted = [item.callspec.params["case"] for item in request.session.items
               if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params]
 
+    # The folders are made here, not in the threads: tmp_path_factory makes the worker's base
+    # folder on first use, and two threads doing that at once collide (FileExistsError, seen when
+    # these cases were the first on a worker to use tmp_path with --basetemp).
+    folders = {name: tmp_path_factory.mktemp("cli") for name in wanted}
+
     def one(name: str) -> subprocess.CompletedProcess[str]:
         case = CASES[name]
-        folder = tmp_path_factory.mktemp("cli")
         if case.setup is not None:
-            case.setup(folder)
-        return run(*case.args, cwd=folder, env=case.env)
+            case.setup(folders[name])
+        return run(*case.args, cwd=folders[name], env=case.env)
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         return dict(zip(wanted, pool.map(one, wanted), strict=True))
@@ -381,7 +385,9 @@ def test_policy_run_then_replay_of_that_run(builtin_ready: Path, tmp_path: Path)
     assert sorted(meta["policy"]["limits"]) == ["oc0", "oc1"]
     assert (path / "host").is_dir() and (path / "plot-policy.png").stat().st_size > 10_000
 
-    replayed = run("replay", folder.group(1), "--policy", "mom,qmemman", "--out", "r", cwd=tmp_path)
+    # a built-in name and a module:callable (the same qmemman, named by its class)
+    replayed = run("replay", folder.group(1), "--policy", "mom,balloonlab.policies.qmemman:QmemmanPolicy",
+                   "--out", "r", cwd=tmp_path)
     assert (replayed.returncode, replayed.stderr) == (0, ""), replayed.stdout
     rows = re.findall(r"^(\S+) +\d+\.\d +", replayed.stdout, re.M)
     assert rows == ["live", "mom", "qmemman"], replayed.stdout
