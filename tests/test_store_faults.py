@@ -461,3 +461,26 @@ async def test_guest_metadata_reaches_run_json_with_the_next_flush_not_a_rewrite
     assert len(writes) == 1  # nothing new staged: not written again
     await sampler.stop()
     assert load_run(tmp_path / "run").metadata["guests"]["g199"] == {"backend": "qmp", "index": 199}
+
+
+def test_two_writers_of_one_path_never_rename_each_others_temporary_file(tmp_path):
+    """Two builds marking the default guest image at once used one temporary name: one renamed
+    the other's file away (FileNotFoundError, seen in CI). Each writer now has its own."""
+    import threading
+
+    from balloonlab.model.files import write_durably
+    target, errors = tmp_path / "default", []
+
+    def writer(text: bytes) -> None:
+        try:
+            for _ in range(200):
+                write_durably(target, lambda f: f.write(text), new=False, fsync=False)
+        except OSError as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=writer, args=(bytes([65 + i]) * 64,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and [p.name for p in tmp_path.iterdir()] == ["default"]
+    assert target.read_bytes() in {bytes([65 + i]) * 64 for i in range(4)}

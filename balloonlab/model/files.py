@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -33,7 +34,9 @@ def write_durably(path: Path, write: Callable[[IO[bytes]], object], *, new: bool
         the folder fsync fails, the renamed file is removed again, so it does not count.
     :param fsync: without it, only atomic (a crash may lose the write, never half of it).
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A temporary name of this process and thread: two writers of one path (two builds marking
+    # the default guest image at once) must not rename each other's half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     renamed = False
     try:
         with open(tmp, "wb") as file:
