@@ -14,7 +14,7 @@ from balloonlab.record.store import RunWriter, load_run, read_table
 def rows(buffer, n, guest="g", start=0):
     for i in range(start, start + n):
         buffer.append(1_700_000_000_000_000_000 + i * 10**9,
-                      {"guest": guest, "last_update": 1_700_000_000 + i, "free_memory": 1000 + i,
+                      {"guest": guest, "host": "h", "last_update": 1_700_000_000 + i, "free_memory": 1000 + i,
                        "actual": 512 << 20, "age_s": 0.25, "reset": i == 2})
 
 
@@ -80,7 +80,7 @@ def test_run_folder_round_trips_frames_across_flushes_and_merges(tmp_path):
         done = samples.total_rows
     # One part per flush for both guests (rows numbered across guests, 6 a flush), merged
     # 6+6, 12+6+6 (each merge at least doubles); the fifth is still alone.
-    files = sorted(p.name for p in (tmp_path / "run/samples").iterdir())
+    files = sorted(p.name for p in (tmp_path / "run/samples/host=h").iterdir())
     assert files == ["p-000000000000-000000000024.parquet", "p-000000000024-000000000030.parquet"]
     run = load_run(tmp_path / "run")
     expected = samples.frame().sort_index(kind="stable")
@@ -95,7 +95,7 @@ def test_crash_between_merge_and_cleanup_does_not_duplicate_rows(tmp_path):
     for flush in range(3):
         rows(buf, 2, "a", flush * 2)
         writer.flush(buf.frame(flush * 2), event_buffer().frame())
-    folder = tmp_path / "run/samples"
+    folder = tmp_path / "run/samples/host=h"
     keep = tmp_path / "parts"
     shutil.copytree(folder, keep)
     assert len(list(keep.iterdir())) == 3

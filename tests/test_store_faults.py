@@ -34,12 +34,17 @@ from .conftest import RUNTIME_ROOT, qemu_pids_under
 def rows(buffer, n, guest="g", start=0):
     for i in range(start, start + n):
         buffer.append(1_700_000_000_000_000_000 + i * 10**9,
-                      {"guest": guest, "last_update": 1_700_000_000 + i, "free_memory": 1000 + i,
+                      {"guest": guest, "host": "h", "last_update": 1_700_000_000 + i, "free_memory": 1000 + i,
                        "actual": 512 << 20, "age_s": 0.25, "reset": False})
 
 
+#: The host partition of the rows above (format 4: RUN/TABLE/host=NAME/).
+H = "host=h"
+
+
 def part_names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    """The part files of a table, in all its host partitions."""
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
 
 
 def name(first: int, end: int) -> str:
@@ -129,14 +134,14 @@ def test_a_part_renamed_but_not_fsynced_is_removed_and_written_again_once(tmp_pa
     real, failed = files.fsync_dir, []
 
     def folder_fsync_fails_once(path):
-        if path.name == "samples" and not failed:  # the fsync after the part's rename
+        if path.name == H and not failed:  # the fsync after the part's rename
             failed.append(path)
             raise OSError(errno.EIO, "Input/output error")
         real(path)
     monkeypatch.setattr(files, "fsync_dir", folder_fsync_fails_once)
     with pytest.raises(OSError, match="Input/output"):
         writer.flush(buf.frame(), event_buffer().frame())
-    folder = tmp_path / "run/samples"
+    folder = tmp_path / "run/samples" / H
     assert failed and list(folder.iterdir()) == [] and writer.durable == (0, 0)
     rows(buf, 1, "b", 4)
     assert writer.flush(buf.frame(), event_buffer().frame(), first=(0, 0)) == (5, 0)
@@ -149,7 +154,7 @@ def test_part_names_past_a_million_rows_load_in_numeric_order(tmp_path):
     writer = RunWriter(tmp_path / "run")
     writer.write_metadata(status="running")
     def events(lo, hi):  # event rows lo..hi, the value being the row number
-        return pd.DataFrame({"guest": pd.Categorical(["g"] * (hi - lo)), "kind": pd.Categorical(["target"] * (hi - lo)),
+        return pd.DataFrame({"guest": pd.Categorical(["g"] * (hi - lo)), "host": "h", "kind": pd.Categorical(["target"] * (hi - lo)),
                              "value": pd.array(range(lo, hi), dtype="Int64")},
                             index=pd.DatetimeIndex(pd.to_datetime(range(lo, hi), unit="s", utc=True), name="time"))
     n = 1_000_003
@@ -227,7 +232,7 @@ def three_parts(run: Path) -> RunWriter:
 
 def test_a_truncated_part_is_skipped_with_a_warning_and_the_rest_loads(tmp_path):
     three_parts(tmp_path / "run")
-    middle = tmp_path / "run/samples" / name(2, 4)
+    middle = tmp_path / "run/samples" / H / name(2, 4)
     data = middle.read_bytes()
     middle.write_bytes(data[: len(data) // 2])  # a crash mid-write on a filesystem without ordering
     with pytest.warns(SkippedPartWarning, match=name(2, 4)):
@@ -238,7 +243,7 @@ def test_a_truncated_part_is_skipped_with_a_warning_and_the_rest_loads(tmp_path)
 
 def test_an_unreadable_merged_part_falls_back_to_its_inputs_still_on_disk(tmp_path):
     writer = three_parts(tmp_path / "run")
-    folder = tmp_path / "run/samples"
+    folder = tmp_path / "run/samples" / H
     inputs = {p.name: p.read_bytes() for p in folder.iterdir()}
     writer.compact()
     merged = folder / name(0, 6)
@@ -484,3 +489,37 @@ def test_two_writers_of_one_path_never_rename_each_others_temporary_file(tmp_pat
         thread.join()
     assert errors == [] and [p.name for p in tmp_path.iterdir()] == ["default"]
     assert target.read_bytes() in {bytes([65 + i]) * 64 for i in range(4)}
+
+
+# -- format 4: a partition per host ------------------------------------------------------
+def test_rows_of_two_hosts_go_to_their_partitions_and_a_failed_flush_leaves_no_row_twice(tmp_path, monkeypatch):
+    writer = RunWriter(tmp_path / "run")
+    writer.write_metadata(status="running")
+    buf = sample_buffer()
+    for i in range(6):  # interleaved hosts, as a sampler appends them
+        buf.append(1_700_000_000_000_000_000 + i * 10**9, {"guest": f"g{i % 2}", "host": ("lab", "198.18.1.2")[i % 2],
+                                                            "free_memory": 1000 + i})
+    real, calls = store._write_parquet, []
+
+    def second_host_fails_once(path, frame):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, frame)
+    monkeypatch.setattr(store, "_write_parquet", second_host_fails_once)
+    with pytest.raises(OSError, match="No space left"):
+        writer.flush(buf.frame(0, 4), event_buffer().frame())
+    orphan = tmp_path / "run/samples/host=198.18.1.2" / name(0, 4)  # sorted: this host's part came first
+    assert orphan.exists() and writer.durable == (0, 0)
+    assert writer.flush(buf.frame(), event_buffer().frame()) == (6, 0)  # the retry covers rows 0..6
+    assert not orphan.exists()
+    assert part_names(tmp_path / "run/samples/host=lab") == [name(0, 6)]
+    assert part_names(tmp_path / "run/samples/host=198.18.1.2") == [name(0, 6)]
+    run = load_run(tmp_path / "run")
+    assert run.samples["free_memory"].tolist() == [1000 + i for i in range(6)]
+    assert run.samples["host"].tolist() == ["lab", "198.18.1.2"] * 3
+    assert list(run.samples.columns[:3]) == ["guest", "host", "last_update"]
+    hive = ds.dataset(tmp_path / "run/samples", partitioning="hive").to_table().to_pandas()  # the host from the path
+    assert sorted(zip(hive["host"], hive["free_memory"], strict=True)) == sorted(
+        zip(run.samples["host"], run.samples["free_memory"], strict=True))
+    assert "host" not in pq.read_schema(tmp_path / "run/samples/host=lab" / name(0, 6)).names

@@ -15,6 +15,7 @@ import shutil
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -25,7 +26,7 @@ from balloonlab.libvirt.files import agent_root, pid_is_domain, prepare_xml, qem
 from balloonlab.libvirt.link import DomainLink, StatsVia, is_local_qemu, open_link
 from balloonlab.model.deadline import Deadline, wait_until
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
-from balloonlab.model.guest import GuestBase, VmemDevice, rollback
+from balloonlab.model.guest import LOCAL_HOST, GuestBase, VmemDevice, rollback
 from balloonlab.model.procfs import HostLayout, process_args
 from balloonlab.model.protocols import Origin
 from balloonlab.qemu.host_memory import host_layout, vmem_devices
@@ -57,6 +58,8 @@ class LibvirtGuest(GuestBase):
         self.balloon = LibvirtBalloon(link, spec)
         #: QEMU's pid when libvirt runs it on this host (None for remote URIs).
         self.pid = qemu_pid(spec.name, uri) if is_local_qemu(uri) else None
+        self.on_this_host = is_local_qemu(uri)
+        self.host = LOCAL_HOST if self.on_this_host else (urlsplit(uri).hostname or uri)
         self._agent_dir = agent_dir
         self._detached = False
         self._closed = False

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -37,6 +38,10 @@ VMEM_RECHECK_S = 5.0
 #: A virtio-mem device as the sample columns need it: (QEMU id, plugged, requested, backend
 #: size), bytes.
 VmemDevice = tuple[str, int, int, int]
+
+
+#: This machine's name (the ``host`` of local guests and of the host frame).
+LOCAL_HOST = socket.gethostname()
 
 
 def vmem_columns(devices: Sequence[VmemDevice]) -> dict[str, int]:
@@ -65,6 +70,12 @@ class GuestBase(abc.ABC):
     pid: int | None = None
     #: What :meth:`host_memory` reads (see :data:`HostView`); set it per guest.
     host_view: HostView = "split"
+    #: The machine QEMU runs on, the frames' ``host`` column: this machine's name, or a remote
+    #: libvirt URI's host. Set it before the guest is sampled to name hosts your own way.
+    host: str = LOCAL_HOST
+    #: QEMU runs on this machine: its last-update is on this clock (model.clock), its memory
+    #: is this host's (the host frame counts it).
+    on_this_host: bool = True
 
     def __init__(self, name: str) -> None:
         self.name = name

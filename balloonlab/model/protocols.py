@@ -93,6 +93,8 @@ class GuestProtocol(Protocol):
     backend: str
     origin: Origin
     warnings: list[str]
+    host: str
+    on_this_host: bool
 
     @property
     def balloon(self) -> BalloonProtocol: ...

@@ -129,9 +129,14 @@ VMEM_COLUMNS: tuple[str, ...] = ("vmem_size", "vmem_requested", "vmem_max_size")
 
 #: Columns every samples frame has before the stats, and after them (frame order).
 SampleKind = Literal["int", "float", "bool", "category", "str", "epoch_s"]
-SAMPLE_HEAD: dict[str, SampleKind] = {"guest": "category", "last_update": "epoch_s"}
+#: ``host`` is the machine the guest's QEMU runs on (``GuestBase.host``: this machine's name, or
+#: a remote libvirt URI's host); ``last_update`` is on that host's clock, and ``age_s`` is
+#: corrected by ``clock_offset_s``, that host's clock minus this one's (0 for a local guest;
+#: NA, and ``age_s`` with it, while a remote host's offset is not yet bounded: model.clock).
+SAMPLE_HEAD: dict[str, SampleKind] = {"guest": "category", "host": "category", "last_update": "epoch_s"}
 SAMPLE_TAIL: dict[str, SampleKind] = {
     "actual": "int", "target": "int", "period_s": "int", "rss": "int", "age_s": "float", "reset": "bool",
+    "clock_offset_s": "float",
     **dict.fromkeys(HOST_COLUMNS, "int"),  # the host's view (HOST_COLUMNS above)
     **dict.fromkeys(VMEM_COLUMNS, "int"),  # virtio-mem (VMEM_COLUMNS above)
 }
@@ -172,11 +177,11 @@ HOST_FRAME: dict[str, SampleKind] = {
 
 #: Columns of the events frame.
 EVENT_COLUMNS: dict[str, SampleKind] = {
-    "guest": "category", "kind": "category", "value": "int", "duration_s": "float", "detail": "str",
+    "guest": "category", "host": "category", "kind": "category", "value": "int", "duration_s": "float", "detail": "str",
 }
 #: The kinds of event a run records.
 EVENT_KINDS: tuple[str, ...] = ("balloon_change", "target", "period", "workload", "reset", "launch",
-                                "shutdown", "error", "policy", "policy_tick", "policy_error")
+                                "shutdown", "error", "policy", "policy_tick", "policy_error", "clock")
 
 
 def stat_name(qemu_key: str) -> str:

@@ -116,8 +116,8 @@ class HostSide:
         rest = self._host.vmm_rest if self._host is not None else {}
         out: dict[str, tuple[int | None, int | None]] = {}
         for name, (guest, state) in self._guests.items():
-            if state.state not in ("starting", "sampling"):
-                continue
+            if state.state not in ("starting", "sampling") or not guest.on_this_host:
+                continue  # a remote guest's memory is its own host's, not this one's
             host = guest.host_memory()
             if host is None:
                 out[name] = (guest.rss_bytes(), None)

@@ -26,14 +26,15 @@ import pandas as pd
 from balloonlab.model.balloon import BalloonChange
 from balloonlab.model.classify import StatsClassifier
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound
-from balloonlab.model.guest import async_guest
+from balloonlab.model.clock import HostClock
+from balloonlab.model.guest import LOCAL_HOST, async_guest
 from balloonlab.model.protocols import BalloonProtocol, GuestProtocol, WorkloadChange
-from balloonlab.model.stats import BalloonStats
 from balloonlab.record.buffer import BufferSnapshot, event_buffer, sample_buffer
 from balloonlab.record.host_side import HostSide
 from balloonlab.record.host_task import HostTask
 from balloonlab.record.policy_loop import PolicyLoop
 from balloonlab.record.report_clock import ReportClock
+from balloonlab.record.sample_rows import SampleRows
 from balloonlab.record.store import RunWriter
 from balloonlab.record.stream import RunStream
 
@@ -62,7 +63,7 @@ class SamplingState:
     target_set_at: float = 0.0
 
 
-class Sampler(HostSide):
+class Sampler(HostSide, SampleRows):
     """Record one or many guests into frames (async core; :class:`SyncSampler` blocks).
 
     :param run_dir: stream samples/events to this run folder (see :mod:`balloonlab.record.store`).
@@ -111,6 +112,8 @@ class Sampler(HostSide):
         self.started: float | None = None
         self._metadata = dict(metadata or {})
         self._policies: list[PolicyLoop] = []
+        self._clocks: dict[str, HostClock] = {}  # per host (record.sample_rows)
+        self._hosts_meta: dict[str, dict[str, Any]] = {}
 
     @property
     def max_rows_in_memory(self) -> int:
@@ -280,9 +283,10 @@ class Sampler(HostSide):
     def record_event(self, guest: str, kind: str, value: int | None = None, detail: str = "",
                      duration_s: float | None = None, at: float | None = None) -> None:
         """Record an event (``at``: epoch seconds, default now)."""
+        sampled = self._guests.get(guest)
         self._events.append(int((time.time() if at is None else at) * 1e9),
-                            {"guest": guest, "kind": kind, "value": value, "duration_s": duration_s,
-                             "detail": detail})
+                            {"guest": guest, "host": sampled[0].host if sampled else LOCAL_HOST, "kind": kind,
+                             "value": value, "duration_s": duration_s, "detail": detail})
 
     async def flush(self) -> None:
         """Write rows not yet on disk to the run folder; drop old ones (on disk) from memory.
@@ -321,11 +325,15 @@ class Sampler(HostSide):
             clock = ReportClock()
             classifier = StatsClassifier()  # this sampler's own view: other readers take nothing
             since_check = 0
+            previous_sent: float | None = None  # the previous read's read_time (epoch s)
             while True:
                 sent = time.monotonic()  # as the request leaves, like the record's read_time
                 actual_asked = self._actual_needed(balloon, state)
                 record = await balloon.read_stats(query_actual=actual_asked, classifier=classifier)
                 state.polls += 1
+                if record.new:  # bounds this guest's host's clock (model.clock)
+                    self._observe_clock(guest, record, record.read_time + time.monotonic() - sent, previous_sent)
+                previous_sent = record.read_time
                 if balloon.period_s is not None:
                     period = balloon.period_s  # set through balloonlab (already an event)
                 since_check += record.new
@@ -368,26 +376,6 @@ class Sampler(HostSide):
         if live != period:
             self.record_event(guest.name, "period", live, f"changed outside balloonlab (was {period} s)")
         return live
-
-    def _append(self, guest: GuestProtocol, record: BalloonStats, period: int, at: float) -> None:
-        """One row at host time ``at`` (the report's estimated time, a little before
-        ``record.read_time``, or the read's own while ``actual`` was asked with it; ``age_s``
-        stays the age at the read)."""
-        if record.reset:
-            self.record_event(guest.name, "reset", None, "guest reset detected", at=at)
-        row: dict[str, object] = dict(record.stats)
-        row.update(guest=guest.name, last_update=record.last_update, actual=record.actual if record.actual is not None
-                   else guest.balloon.actual, target=guest.balloon.target, period_s=period,
-                   rss=guest.rss_bytes(), age_s=record.age_s, reset=record.reset)
-        # -- the host's view (model.schema.HOST_COLUMNS): one smaps_rollup pread and a
-        # PAGEMAP_SCAN per guest RAM block and TCG range, read now (the stats are the report's);
-        # virtio-mem (VMEM_COLUMNS) as last read: no QMP command here
-        host = guest.host_memory()
-        if host is not None:
-            row.update(host.columns())
-        row.update(guest.vmem_columns())
-        # -- end of the host's view
-        self._samples.append(int(at * 1e9), row)
 
     def _mark_dead(self, guest: GuestProtocol, state: SamplingState, kind: str, why: str, *,
                    failed: bool = False) -> None:

@@ -1,62 +1,58 @@
 """Run folders: Parquet samples and events written as a run goes, ``run.json``, a plot.
 
-Layout (format 3: a plain Parquet dataset that pandas, DuckDB, Polars or Spark read as it is;
-``guest`` is a dictionary-encoded column, so one flush writes one file per table however many
-guests are sampled)::
+Layout (format 4: each table a hive-partitioned Parquet dataset, by the host the guests run
+on, that pyarrow.dataset, DuckDB, Dask, Polars or Spark read as it is; ``guest`` is a
+dictionary-encoded column, so one flush writes one file per table and host however many guests
+are sampled; the ``host`` column lives in the folder name only, as hive partitioning expects)::
 
     RUN/run.json                                 metadata, updated at start and end
-    RUN/samples/p-000000000000-000000000042.parquet
-    RUN/events/p-000000000000-000000000007.parquet
-    RUN/host/p-000000000000-000000000040.parquet     the host frame (model.schema.HOST_FRAME)
+    RUN/samples/host=lab1/p-000000000000-000000000042.parquet
+    RUN/samples/host=198.18.1.2/p-000000000010-000000000042.parquet
+    RUN/events/host=lab1/p-000000000000-000000000007.parquet
+    RUN/host/host=lab1/p-000000000000-000000000040.parquet     the host frame (schema.HOST_FRAME)
     RUN/plot.png
 
-Rows are numbered per table, across guests, in recording order; ``p-FIRST-END`` holds rows
-FIRST <= n < END. The writer remembers where the rows on disk end, so a flush retried after a
-failure part-way (ENOSPC, EIO) writes exactly what is missing. A part is written to a temporary
-name, fsynced, renamed and its folder fsynced before its rows count (run.json likewise). Parts
+Rows are numbered per table, across guests and hosts, in recording order; ``p-FIRST-END`` in a
+host's folder holds that host's rows among rows FIRST <= n < END. The writer remembers where the
+rows on disk end, so a flush retried after a failure part-way (ENOSPC, EIO) writes exactly what is
+missing; a part one host got before another's failed is covered by the retry's and then deleted.
+A part is written to a temporary name, fsynced, renamed and its folder fsynced before its rows
+count (run.json likewise). Parts
 are merged in tiers: a merge's result is at least ``merge_factor`` times its largest input, so
 a row is rewritten at most log_factor(rows) times. Overlapping ranges are always nested (a merge
 covers its inputs) and readers keep the outermost part they can read: a crash between a merge
 and the deletion of its inputs, or an unreadable merged file whose inputs remain, neither loses
-nor doubles a row. Formats 1 and 2 (one folder per guest, ``RUN/samples/guest=NAME/``, names
-percent-escaped from format 2 on, as pyarrow's hive partitioning decodes them) still load.
+nor doubles a row. Older formats (3: no partitions; 1 and 2: one folder per guest,
+``RUN/samples/guest=NAME/``) still load (:mod:`balloonlab.record.store_read`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import logging
 import os
-import re
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import unquote
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from balloonlab.model.files import atomic_write_json, fsync_dir, read_json, write_durably
-from balloonlab.record.buffer import concat_frames
+from balloonlab.model.files import atomic_write_json, fsync_dir, write_durably
+from balloonlab.record.store_read import (
+    READ_ERRORS, RUN_FORMAT, TABLES, Run, SkippedPartWarning, load_run, partition_name, read_table)
 
 log = logging.getLogger(__name__)
+# The readers live in store_read; these names stay importable from here, as before.
+__all__ = ["RUN_FORMAT", "TABLES", "Run", "RunWriter", "SkippedPartWarning", "load_run", "new_run_dir", "read_table"]
 
-_PART_RE = re.compile(r"^p-(\d+)-(\d+)\.parquet$")
-RUN_FORMAT = 3
-TABLES = ("samples", "events", "host")
-_READ_ERRORS = (OSError, ValueError, pa.ArrowException)
-
-
-class SkippedPartWarning(RuntimeWarning):
-    """A part file of a run could not be read (or overlaps another) and was left out."""
+#: A part's host when a row has none.
+UNKNOWN_HOST = "unknown"
 
 
 class _Part(NamedTuple):
@@ -85,8 +81,10 @@ class RunWriter:
         self.metadata: dict[str, Any] = {}
         self.merge_factor = merge_factor
         self._durable = dict.fromkeys(TABLES, 0)  # every row numbered below is on disk
-        self._parts: dict[str, list[_Part]] = {table: [] for table in TABLES}
+        self._parts: dict[tuple[str, str], list[_Part]] = {}  # per (table, host)
         self._folders: set[Path] = set()
+        #: Parts of a flush that failed part-way: a later part covers them; deleted once it is written.
+        self._orphans: list[Path] = []
         #: Metadata changed since run.json was last written (see :meth:`stage_guest`).
         self.staged = False
         self._exit_flush: tuple[Callable[[], object], asyncio.AbstractEventLoop | None] | None = None
@@ -159,15 +157,27 @@ class RunWriter:
         if end <= durable:
             return
         rows = frame if start == durable else frame.iloc[durable - start:]
-        path = self._folder(table) / _part_name(durable, end)
-        _write_parquet(path, rows)
-        parts = self._parts[table]
-        parts.append(_Part(durable, end, len(rows), path))
-        self._durable[table] = end
+        written: list[tuple[list[_Part], _Part]] = []
         try:
-            self._merge_tail(parts)
-        except _READ_ERRORS as exc:  # the rows are durable; the merge is retried next flush
-            log.warning("could not merge parts of %s: %s", path.parent, exc)
+            for host, host_rows in _by_host(rows):
+                path = self._folder(table, host) / _part_name(durable, end)
+                _write_parquet(path, host_rows)
+                written.append((self._parts.setdefault((table, host), []), _Part(durable, end, len(host_rows), path)))
+        except BaseException:
+            # Nested in the range the retry writes, so readers skip them: removed after it.
+            self._orphans += [part.path for _, part in written]
+            raise
+        self._durable[table] = end
+        for parts, part in written:
+            parts.append(part)
+            try:
+                self._merge_tail(parts)
+            except READ_ERRORS as exc:  # the rows are durable; the merge is retried next flush
+                log.warning("could not merge parts of %s: %s", part.path.parent, exc)
+        mine = {part.path for _, part in written}
+        for orphan in [p for p in self._orphans if p not in mine]:
+            orphan.unlink(missing_ok=True)
+        self._orphans = [p for p in self._orphans if p in mine]
 
     def _merge_tail(self, parts: list[_Part]) -> None:
         while (k := self._mergeable(parts)) >= 2:
@@ -188,11 +198,13 @@ class RunWriter:
             if len(parts) >= 2:
                 _merge(parts, 0)
 
-    def _folder(self, table: str) -> Path:
-        folder = self.path / table
+    def _folder(self, table: str, host: str) -> Path:
+        folder = self.path / table / partition_name("host", host)
         if folder not in self._folders:
+            folder.parent.mkdir(exist_ok=True)
             folder.mkdir(exist_ok=True)
             fsync_dir(folder.parent)
+            fsync_dir(folder.parent.parent)
             self._folders.add(folder)
         return folder
 
@@ -272,121 +284,24 @@ def _merge(parts: list[_Part], start: int) -> None:
     fsync_dir(path.parent)
 
 
+def _by_host(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The rows of each host, without the ``host`` column (the partition folder names it)."""
+    if "host" not in rows.columns:
+        return [(UNKNOWN_HOST, rows)]
+    hosts = rows["host"].astype("string").fillna(UNKNOWN_HOST)
+    rest = rows.drop(columns="host")
+    names = hosts.unique()
+    if len(names) == 1:
+        return [(str(names[0]), rest)]
+    return [(str(name), rest[(hosts == name).to_numpy()]) for name in sorted(names)]
+
+
 def _part_name(first: int, end: int) -> str:
     return f"p-{first:012d}-{end:012d}.parquet"
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
     write_durably(path, lambda file: frame.to_parquet(file, engine="pyarrow"))
-
-
-def _read_folder(folder: Path, skipped: list[Path]) -> list[pd.DataFrame]:
-    """The folder's rows, each once. A part vanishing while read (merged away) means the
-    folder is listed again."""
-    for attempt in range(5):
-        try:
-            frames, bad = _read_parts(folder)
-            break
-        except FileNotFoundError:
-            if attempt == 4:
-                raise
-    for path, why in bad:
-        warnings.warn(f"skipped {path}: {why}", SkippedPartWarning, stacklevel=4)
-        skipped.append(path)
-    return frames
-
-
-def _read_parts(folder: Path) -> tuple[list[pd.DataFrame], list[tuple[Path, str]]]:
-    """The outermost readable part of each nest of ranges, and the parts left out (why)."""
-    parts = sorted(((int(m[1]), int(m[2]), p) for p in folder.iterdir() if (m := _PART_RE.match(p.name))),
-                   key=lambda part: (part[0], -part[1]))
-    frames: list[pd.DataFrame] = []
-    bad: list[tuple[Path, str]] = []
-    covered = -1
-    for first, end, path in parts:
-        if end <= covered:
-            continue  # nested in a part already read
-        if first < covered:
-            bad.append((path, f"its range {first}-{end} overlaps one already read"))
-            continue
-        try:
-            frames.append(pd.read_parquet(path))
-        except FileNotFoundError:
-            raise
-        except _READ_ERRORS as exc:
-            bad.append((path, f"{type(exc).__name__}: {exc}"))
-            continue
-        covered = end
-    return frames, bad
-
-
-def read_table(path: str | os.PathLike[str], table: str, *, skipped: list[Path] | None = None,
-               run_format: int | None = None) -> pd.DataFrame:
-    """Read ``samples``, ``events`` or ``host`` of a run folder into one frame (schema dtypes).
-
-    :param skipped: unreadable part files are appended here (and warned about).
-    :param run_format: the run's format (default: run.json's; 1 without one).
-    """
-    root = Path(path)
-    if run_format is None:
-        meta = root / "run.json"
-        run_format = int(json.loads(meta.read_text()).get("format", 1)) if meta.exists() else 1
-    skipped = skipped if skipped is not None else []
-    folder = root / table
-    if run_format >= 3:
-        return concat_frames(_read_folder(folder, skipped) if folder.is_dir() else [])
-    frames: list[pd.DataFrame] = []
-    for guest_folder in sorted(folder.glob("guest=*")):  # formats 1 and 2: a folder per guest
-        if not guest_folder.is_dir():
-            continue
-        raw = guest_folder.name.removeprefix("guest=")
-        guest = unquote(raw) if run_format >= 2 else raw
-        for frame in _read_folder(guest_folder, skipped):
-            frame.insert(0, "guest", guest)
-            frames.append(frame)
-    return concat_frames(frames)
-
-
-@dataclass
-class Run:
-    """A recorded run: frames, metadata, folder (``skipped``: unreadable parts; ``host``: empty without one)."""
-
-    path: Path
-    samples: pd.DataFrame
-    events: pd.DataFrame
-    metadata: dict[str, Any] = field(default_factory=dict)
-    skipped: list[Path] = field(default_factory=list)
-    host: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-    @property
-    def plot_path(self) -> Path:
-        """Where the run's PNG is (or will be) written."""
-        return self.path / "plot.png"
-
-    def plot(self, **kwargs: Any) -> Any:
-        """Plot memory over time (``df.balloon.plot``: this layer never imports plotting)."""
-        return self.samples.balloon.plot(events=self.events, **kwargs)
-
-
-def load_run(path: str | os.PathLike[str]) -> Run:
-    """Load a run folder, also one whose process was killed mid-run (up to its last flush).
-
-    A part file that cannot be read (truncated by a crash on a filesystem without ordered
-    writes) is left out with a :class:`SkippedPartWarning` and listed in ``Run.skipped``.
-
-    :raises FileNotFoundError: the folder has no run.json (not a run folder).
-    """
-    folder = Path(path)
-    meta_path = folder / "run.json"
-    if not meta_path.exists():
-        why = "does not exist" if not folder.exists() else "is not a balloonlab run folder (no run.json)"
-        raise FileNotFoundError(f"{folder} {why}")
-    metadata = read_json(meta_path, "the run folder is damaged")
-    run_format = int(metadata.get("format", 1))
-    skipped: list[Path] = []
-    samples, events = (read_table(folder, table, skipped=skipped, run_format=run_format) for table in TABLES[:2])
-    return Run(folder, samples, events, metadata, skipped,  # the host frame from format 3 on
-               read_table(folder, "host", skipped=skipped, run_format=3) if run_format >= 3 else pd.DataFrame())
 
 
 def new_run_dir(root: str | os.PathLike[str] = "runs", name: str = "run") -> Path:
