@@ -7,7 +7,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon-system libvirt-clients libvirt-dev pkg-config chromium
+APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon-system libvirt-clients libvirt-dev pkg-config chromium \
+	prometheus openssh-server faketime iproute2
 INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test lint guest stacks corpus system-packages clean
@@ -47,7 +48,7 @@ system-packages:
 $(INSTALLED): pyproject.toml | system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,libvirt,notebooks]'
+	$(BIN)/python -m pip install -q -e '.[test,libvirt,notebooks,fleet]'
 	touch $@
 
 clean:
