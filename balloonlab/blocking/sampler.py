@@ -18,6 +18,7 @@ from balloonlab.blocking.loop import run
 from balloonlab.experiments.runner import Experiment
 from balloonlab.experiments.overcommit import Overcommit
 from balloonlab.model.policy import Policy
+from balloonlab.record.metrics import MetricsEndpoint, serve_metrics
 from balloonlab.record.policy_loop import PolicyLoop
 from balloonlab.record.sampler import Sampler, SamplingState
 from balloonlab.record.store import Run
@@ -67,6 +68,16 @@ class SyncSampler:
         """Write what was recorded since the last flush to the run folder (built and written
         off balloonlab's loop)."""
         run(self.aio.flush())
+
+    def serve_metrics(self, port: int = 0, addr: str = "127.0.0.1") -> MetricsEndpoint:
+        """Serve the latest data per guest as Prometheus metrics at ``http://addr:port/metrics``
+        (see ``balloonlab.record.metrics.serve_metrics``; port 0: any free one, ``.url`` says which).
+        The endpoint is bound on balloonlab's loop; ``.close()`` it, or :meth:`stop` does.
+
+        :raises BalloonLabError: the port is in use or the address cannot be bound.
+        """
+        endpoint: MetricsEndpoint = run(_call(lambda: serve_metrics(self.aio, port, addr)))
+        return endpoint
 
     def frame(self) -> pd.DataFrame:
         """Samples so far: a snapshot taken on the loop thread (so never half-appended, and

@@ -128,8 +128,16 @@ def _check_new_run_folder(path: Path) -> Path:
     return path
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 0 (any free one) to 65535, got {text!r}")
+    return int(text)
+
+
 async def _record(args: argparse.Namespace) -> Run:
     from balloonlab.qemu.guest import Guest
+    from balloonlab.record.metrics import serve_metrics
     from balloonlab.record.sampler import Sampler
     from balloonlab.record.store import load_run, new_run_dir
     spec = _load_domain_xml(args.domain_xml) if args.domain_xml else None
@@ -150,9 +158,23 @@ async def _record(args: argparse.Namespace) -> Run:
         # Ctrl-C ends the recording normally (the run is saved and plotted); a second one interrupts.
         loop.add_signal_handler(signal.SIGINT, stop.set)
         try:
-            async with Sampler(run_dir=run_dir) as sampler:
+            made = not run_dir.exists()
+            sampler = Sampler(run_dir=run_dir)
+            try:  # bound before the recording starts: a port in use fails with nothing recorded
+                metrics = None if args.metrics_port is None else serve_metrics(sampler, args.metrics_port,
+                                                                               args.metrics_addr)
+            except BalloonLabError:
+                if made:
+                    with contextlib.suppress(OSError):
+                        run_dir.rmdir()  # the empty folder Sampler() made, and only if still empty
+                raise
+            async with sampler, contextlib.AsyncExitStack() as closing:
+                if metrics is not None:
+                    closing.push_async_callback(metrics.aclose)
                 await sampler.add(guest)
                 print(f"recording {guest.name} into {run_dir} (Ctrl-C to stop)", flush=True)
+                if metrics is not None:
+                    print(f"metrics: {metrics.url}", flush=True)
                 end = time.monotonic() + args.duration if args.duration else math.inf
                 while not stop.is_set() and (left := end - time.monotonic()) > 0:
                     with contextlib.suppress(TimeoutError):
@@ -217,6 +239,10 @@ def register(command: AddCommand) -> None:
     record.add_argument("--duration", type=seconds, help="seconds to record (default: until Ctrl-C)")
     record.add_argument("--out", help="a new run folder (default: RUNS/<time>-<name>)")
     record.add_argument("--runs", default="runs", help="folder for run folders (default ./runs)")
+    record.add_argument("--metrics-port", type=_port, metavar="PORT",
+                        help="serve Prometheus metrics of the recording on this port (0: any free one)")
+    record.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                        help="address the metrics endpoint listens on (default 127.0.0.1; 0.0.0.0: every one)")
     plot = command("plot", "redraw a run's PNG", _cmd_plot)
     plot.add_argument("run", help="a run folder")
     plot.add_argument("--out", help="PNG path (default: RUN/plot.png)")

@@ -32,6 +32,7 @@ from balloonlab.model.protocols import BalloonProtocol, GuestProtocol, WorkloadC
 from balloonlab.record.buffer import BufferSnapshot, event_buffer, sample_buffer
 from balloonlab.record.host_side import HostSide
 from balloonlab.record.host_task import HostTask
+from balloonlab.record.metrics import MetricsSide
 from balloonlab.record.policy_loop import PolicyLoop
 from balloonlab.record.report_clock import ReportClock
 from balloonlab.record.sample_rows import SampleRows
@@ -54,6 +55,8 @@ class SamplingState:
 
     name: str
     state: str = "starting"  # starting, sampling, dead, removed
+    #: The machine the guest's QEMU runs on (GuestBase.host).
+    host: str = LOCAL_HOST
     samples: int = 0
     polls: int = 0
     error: str | None = None
@@ -63,7 +66,7 @@ class SamplingState:
     target_set_at: float = 0.0
 
 
-class Sampler(HostSide, SampleRows):
+class Sampler(HostSide, SampleRows, MetricsSide):
     """Record one or many guests into frames (async core; :class:`SyncSampler` blocks).
 
     :param run_dir: stream samples/events to this run folder (see :mod:`balloonlab.record.store`).
@@ -161,7 +164,7 @@ class Sampler(HostSide, SampleRows):
         guest = async_guest(guest, type(self).__name__)
         if guest.name in self._guests and self._guests[guest.name][1].state in ("starting", "sampling"):
             raise ValueError(f"guest {guest.name!r} is already being sampled")
-        state = SamplingState(guest.name)
+        state = SamplingState(guest.name, host=guest.host)
         self._guests[guest.name] = (guest, state)
         # Each listener also checks that its guest is still sampled under this state, so an
         # event already queued when remove() ran is never recorded after the guest left.
@@ -223,6 +226,7 @@ class Sampler(HostSide, SampleRows):
 
     async def stop(self) -> None:
         """Stop every guest's task, flush, and close the run (run.json gets its end time)."""
+        await self._close_metrics()  # the endpoints first: closed even if the flush below raises
         await self.stop_host()  # the policies, then the host frame's last row
         await self._remove(list(self._guests))
         if self._flush_task is not None:
