@@ -33,7 +33,7 @@ os.environ["BALLOONLAB_RUNTIME_DIR"] = str(RUNTIME_ROOT)
 _names = itertools.count(1)
 
 #: Fixture modules shared by several test files (libvirtd, libvirt_domains).
-pytest_plugins = ["tests.libvirtd_fixture"]
+pytest_plugins = ["tests.libvirtd_fixture", "tests.netns_hosts"]
 
 #: How long leftovers may take to go away after a test before they count as leaked: a QEMU
 #: told to quit, a released reaper, a cancelled task finishing, a worker thread returning.
@@ -279,13 +279,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 #: Tests that share a daemon, or stop, restart or freeze one, run one after another on one
 #: xdist worker (`make test` runs pytest -n 2): the system's libvirtd (one test restarts it,
-#: one freezes it) and a stack's libvirtd in its mount namespace. They are told by their node
+#: one freezes it), a stack's libvirtd in its mount namespace, and the remote test hosts (network
+#: namespaces with a libvirtd each: tests/netns_hosts.py, started once on that worker). They are told by their node
 #: id, the only thing xdist's scheduler sees; pytest_itemcollected below makes sure that every
 #: test using a libvirt fixture has the word in its id. (xdist's own xdist_group marks do not
 #: take effect with pytest 9.2: xdist 3.8 renames items through an attribute pytest 9.2 no
 #: longer reads.)
 LIBVIRT_SCOPE = "libvirt"
-LIBVIRT_FIXTURES = {"libvirtd", "libvirt_domains", "libvirt11"}
+LIBVIRT_FIXTURES = {"libvirtd", "libvirt_domains", "libvirt11", "remote_hosts"}
 
 
 def pytest_itemcollected(item):
