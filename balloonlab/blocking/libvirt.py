@@ -16,7 +16,7 @@ class SyncLibvirtGuest(SyncGuestBase[LibvirtGuest]):
 
     @classmethod
     def launch(cls, domain: DomainSpec | str | os.PathLike[str], *, uri: str = DEFAULT_URI,
-               persistent: bool = False, stats_via: StatsVia = "auto", agent: bool = True,
+               persistent: bool = False, stats_via: StatsVia = "auto", agent: bool | None = None,
                boot_timeout_s: float = 90.0) -> SyncLibvirtGuest:
         """Start a domain under libvirt (see :meth:`LibvirtGuest.launch`)."""
         return cls(run(LibvirtGuest.launch(domain, uri=uri, persistent=persistent, stats_via=stats_via,

@@ -17,6 +17,7 @@ import pandas as pd
 from balloonlab.blocking.loop import run
 from balloonlab.experiments.runner import Experiment
 from balloonlab.experiments.overcommit import Overcommit
+from balloonlab.model.clock import ClockEstimate
 from balloonlab.model.policy import Policy
 from balloonlab.record.metrics import MetricsEndpoint, serve_metrics
 from balloonlab.record.policy_loop import PolicyLoop
@@ -111,6 +112,10 @@ class SyncSampler:
     def states(self) -> dict[str, SamplingState]:
         """Per-guest sampling state."""
         return run(_call(self.aio.states))
+
+    def host_clocks(self) -> dict[str, ClockEstimate | None]:
+        """Each host's clock minus this one's, as now estimated (None: not yet bounded)."""
+        return run(_call(self.aio.host_clocks))
 
     def record_event(self, guest: str, kind: str, value: int | None = None, detail: str = "",
                      duration_s: float | None = None, at: float | None = None) -> None:

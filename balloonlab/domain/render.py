@@ -113,13 +113,14 @@ def render_domain_xml(spec: DomainSpec) -> str:
     return xml
 
 
-def with_serial_socket_paths(xml: str, path_for_port: Callable[[int], str]) -> str:
+def with_serial_socket_paths(xml: str, path_for_port: Callable[[int], str | None]) -> str:
     """Give every ``<serial type='unix'>`` without a ``<source path>`` one, editing nothing else.
 
     balloonlab's launcher picks serial socket paths itself, so its XML leaves them out;
     libvirt refuses that ("Missing source path attribute for char device").
 
-    :param path_for_port: the socket path for a serial port number.
+    :param path_for_port: the socket path for a serial port number; None makes the port
+        ``type='null'`` (connected to nothing: a remote host, where no path of ours exists).
     """
     root, _ = _parse_root(xml)
     for index, serial in enumerate(root.findall("devices/serial")):
@@ -131,7 +132,12 @@ def with_serial_socket_paths(xml: str, path_for_port: Callable[[int], str]) -> s
             serial.insert(0, source)
         target = serial.find("target")
         port = int(target.get("port", index)) if target is not None else index
-        source.set("path", path_for_port(port))
+        path = path_for_port(port)
+        if path is None:
+            serial.set("type", "null")
+            serial.remove(source)
+            continue
+        source.set("path", path)
     edited: str = etree.tostring(root, encoding="unicode")
     return edited
 

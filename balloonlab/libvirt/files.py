@@ -31,18 +31,22 @@ def agent_root() -> Path:
     return Path("/tmp") / f"balloonlab-libvirt-{os.getuid()}"
 
 
-def prepare_xml(spec: DomainSpec) -> tuple[str, Path | None]:
+def prepare_xml(spec: DomainSpec, *, remote: bool = False) -> tuple[str, Path | None]:
     """The XML to give libvirt, and the directory made for it (None when none was needed).
 
     libvirt refuses a ``<serial type='unix'>`` with no ``<source path>`` ("internal error:
     Missing source path attribute for char device"); balloonlab's own launcher picks the path
     itself, so the built-in guest's XML has none. Such ports get
     ``agent_root()/<name>/agent.sock`` (port 1 of a guest with the agent) or
-    ``serial<port>.sock``; everything else in the XML is passed on untouched.
+    ``serial<port>.sock``; everything else in the XML is passed on untouched. On a ``remote``
+    host no folder of ours exists (and a socket there is out of our reach): they become
+    ``type='null'``.
     """
     xml = spec.xml or render_domain_xml(spec)
     if not any(s.type == "unix" and not s.path for s in spec.serials):
         return xml, None
+    if remote:
+        return with_serial_socket_paths(xml, lambda port: None), None
     directory = agent_root() / spec.name
     xml = with_serial_socket_paths(
         xml, lambda port: str(directory / ("agent.sock" if spec.agent and port == 1 else f"serial{port}.sock")))

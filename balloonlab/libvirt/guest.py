@@ -67,7 +67,7 @@ class LibvirtGuest(GuestBase):
     # -- construction ---------------------------------------------------------------------
     @classmethod
     async def launch(cls, domain: DomainSpec | str | os.PathLike[str], *, uri: str = DEFAULT_URI,
-                     persistent: bool = False, stats_via: StatsVia = "auto", agent: bool = True,
+                     persistent: bool = False, stats_via: StatsVia = "auto", agent: bool | None = None,
                      boot_timeout_s: float = 90.0) -> LibvirtGuest:
         """Start a domain from domain XML (a DomainSpec, XML text or a file) under libvirt.
 
@@ -78,12 +78,20 @@ class LibvirtGuest(GuestBase):
         :func:`agent_root`/<name>/ before libvirt sees the XML.
 
         :param agent: connect to balloonlab's workload agent when the domain has one (waits
-            for the guest's first stats report, then the agent's ping).
+            for the guest's first stats report, then the agent's ping). None (the default):
+            on a local URI; never on a remote one, whose agent port is a socket on the other
+            host, out of balloonlab's reach (the port is then connected to nothing).
         :raises LaunchError: libvirt refused or the guest did not come up (libvirt's message
-            and the tail of its QEMU log kept). No domain is left defined or running.
+            and the tail of its QEMU log kept); ``agent=True`` on a remote URI. No domain is
+            left defined or running.
         """
         spec = as_spec(domain)
-        xml, made_dir = prepare_xml(spec)
+        remote = not is_local_qemu(uri)
+        if agent and remote:
+            raise LaunchError(f"the workload agent talks over a unix socket on QEMU's host, which {uri} is not: "
+                              "launch with agent=False (the default there) and drive memory in the guest another way")
+        agent = not remote if agent is None else agent
+        xml, made_dir = prepare_xml(spec, remote=remote)
         log_start = qemu_log_size(spec.name)
         link = await open_link(uri, spec.name, stats_via)
 

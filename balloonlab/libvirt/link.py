@@ -213,8 +213,9 @@ class DomainLink:
         """
         if self.via != "qmp" or libvirt_qemu is None:
             raise CommandError(command, "NotSupported",
-                               f"QMP command {command!r} needs QMP passthrough (stats_via='qmp' on a "
-                               f"local qemu:// URI); this link uses libvirt's API only")
+                               f"QMP command {command!r} needs QMP passthrough (stats_via='qmp', the default "
+                               f"on a local qemu:// URI; libvirt-qemu passes it on over remote URIs too, when "
+                               f"asked); this link uses libvirt's API only")
         message = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
         passthrough = libvirt_qemu.qemuMonitorCommand
         text = await self._on_domain("qemuMonitorCommand", lambda dom: passthrough(dom, message, 0), timeout_s)
