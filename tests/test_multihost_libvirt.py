@@ -27,8 +27,10 @@ from balloonlab.model.period import POLLING_PROPERTY  # noqa: E402
 
 pytestmark = pytest.mark.qemu
 
-#: How long a remote call may hang on a cut-off host before the sampler gives up on it.
+#: How long a remote call may hang on a cut-off host before the sampler gives up on it, and how
+#: long a link whose libvirtd went away waits for it to come back (30 s each by default).
 REMOTE_CALL_TIMEOUT_S = 8.0
+REMOTE_RECONNECT_S = 5.0
 
 
 async def until(predicate, timeout_s: float, what: str, *, step_s: float = 0.2) -> None:
@@ -85,7 +87,7 @@ async def test_one_run_over_four_guests_on_three_hosts_with_a_faked_clock_and_tw
             LibvirtGuest.launch(builtin_spec(libvirt_domains(), period_s=1), uri=ssh_host.ssh_uri, agent=False))
         launched += [on_tcp, on_ssh]
         for remote in (on_tcp, on_ssh):
-            remote.link.call_timeout_s = REMOTE_CALL_TIMEOUT_S
+            remote.link.call_timeout_s, remote.link.reconnect_s = REMOTE_CALL_TIMEOUT_S, REMOTE_RECONNECT_S
         hosts = {qmp.name: LOCAL_HOST, local.name: LOCAL_HOST, on_tcp.name: tcp_host.address,
                  on_ssh.name: ssh_host.address}
         async with Sampler(run_dir=tmp_path / "run", flush_interval_s=1) as sampler:
@@ -106,7 +108,7 @@ async def test_one_run_over_four_guests_on_three_hosts_with_a_faked_clock_and_tw
             ssh_host.kill_libvirtd()
             cut_at = time.time()
             await until(lambda: states[on_tcp.name].state == "dead" and states[on_ssh.name].state == "dead",
-                        3 * REMOTE_CALL_TIMEOUT_S + 30, "both cut-off guests marked dead")
+                        2 * (REMOTE_CALL_TIMEOUT_S + REMOTE_RECONNECT_S) + 10, "both cut-off guests marked dead")
             before = {name: states[name].samples for name in (qmp.name, local.name)}
             await until(lambda: all(states[n].samples >= before[n] + 3 for n in before), 30,
                         "the local guests sampling on")
