@@ -36,6 +36,7 @@ from balloonlab.model.units import format_size, parse_size
 from balloonlab.qemu import Balloon, Guest, Monitor, QMPEvent, attach_many, list_guests
 from balloonlab.record import Run, Sampler, SamplingState, load_run, new_run_dir
 from balloonlab.record import store as store  # deprecated path, see below
+from balloonlab.record.datasets import open_runs
 
 # Deprecated module path, kept for notebooks and scripts written against the flat layout:
 # ``balloonlab.store`` (``from balloonlab.store import new_run_dir``, ``bl.store.load_run``)
@@ -51,7 +52,7 @@ __all__ = [
     "StatsClassifier", "StatsUnavailable", "SyncBalloon", "SyncGuest", "SyncLibvirtGuest", "SyncSampler",
     "SyncWorkload", "Workload", "builtin_spec", "dashboard", "format_dommemstat", "format_size",
     "attach_many", "libvirt_view", "list_guests", "load_domain_xml", "load_run", "new_run_dir", "parse_domain_xml",
-    "parse_size", "plot_memory", "render_domain_xml", "run_experiment", "validate_period",
+    "open_runs", "parse_size", "plot_memory", "render_domain_xml", "run_experiment", "validate_period",
 ]
 
 
