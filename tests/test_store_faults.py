@@ -90,6 +90,19 @@ async def until(condition, what, timeout_s=30):
 
 
 # -- a flush failing part-way ------------------------------------------------------------
+def second_write_fails(monkeypatch) -> list[Path]:
+    """The store's second part write raises ENOSPC (once); returns the paths of every write."""
+    real, calls = store._write_parquet, []
+
+    def fail_second(path, frame):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, frame)
+    monkeypatch.setattr(store, "_write_parquet", fail_second)
+    return calls
+
+
 async def test_a_flush_failing_after_its_first_part_leaves_nothing_twice_and_keeps_the_rest_in_memory(
         tmp_path, monkeypatch):
     # no host frame: its parts would be written by the same flush and shift the count of writes
@@ -98,14 +111,7 @@ async def test_a_flush_failing_after_its_first_part_leaves_nothing_twice_and_kee
     rows(sampler._samples, 3, "a", 0)
     rows(sampler._samples, 2, "b", 3)
     sampler.record_event("a", "target", 1 << 28)
-    real, calls = store._write_parquet, []
-
-    def second_part_fails(path, frame):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, frame)
-    monkeypatch.setattr(store, "_write_parquet", second_part_fails)
+    calls = second_write_fails(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         await sampler.flush()  # the samples part is written, the events part fails
     samples, events = tmp_path / "run/samples", tmp_path / "run/events"
@@ -499,14 +505,7 @@ def test_rows_of_two_hosts_go_to_their_partitions_and_a_failed_flush_leaves_no_r
     for i in range(6):  # interleaved hosts, as a sampler appends them
         buf.append(1_700_000_000_000_000_000 + i * 10**9, {"guest": f"g{i % 2}", "host": ("lab", "198.18.1.2")[i % 2],
                                                             "free_memory": 1000 + i})
-    real, calls = store._write_parquet, []
-
-    def second_host_fails_once(path, frame):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, frame)
-    monkeypatch.setattr(store, "_write_parquet", second_host_fails_once)
+    second_write_fails(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         writer.flush(buf.frame(0, 4), event_buffer().frame())
     orphan = tmp_path / "run/samples/host=198.18.1.2" / name(0, 4)  # sorted: this host's part came first

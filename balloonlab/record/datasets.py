@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 
 from balloonlab.model.files import read_json
-from balloonlab.record.store_read import PART_RE, READ_ERRORS, RUN_FORMAT, TABLES, SkippedPartWarning
+from balloonlab.record.store_read import RUN_FORMAT, TABLES, outermost_parts
 
 if TYPE_CHECKING:
     from duckdb import DuckDBPyConnection, DuckDBPyRelation
@@ -128,7 +127,7 @@ def open_runs(paths_or_glob: str | os.PathLike[str] | Iterable[str | os.PathLike
             # Known values of each file's fragment: the scanner fills run and host from them, and
             # filters on either skip whole files without opening them.
             known = (ds.field("run") == run.name) & (ds.field("host") == host)
-            parts += [(path, schema, known) for path, schema in _outermost_parts(folder, skipped)]
+            parts += [(path, schema, known) for path, schema in outermost_parts(folder, _footer, skipped)]
     dataset = ds.FileSystemDataset.from_paths(
         [str(p[0]) for p in parts], schema=_unify([p[1] for p in parts]), format=ds.ParquetFileFormat(),
         filesystem=pyarrow.fs.LocalFileSystem(), partitions=[p[2] for p in parts])
@@ -178,43 +177,9 @@ def _metadata(run: Path) -> dict[str, Any]:
     return meta
 
 
-def _outermost_parts(folder: Path, skipped: list[Path]) -> list[tuple[Path, pa.Schema]]:
-    """The outermost part of each nest of row ranges whose footer reads, with its schema: the
-    choice :func:`~balloonlab.record.store_read.read_table` makes, on footers only (a crash between
-    a merge and deleting its inputs leaves nested ranges; an unreadable merge leaves its inputs)."""
-    for attempt in range(5):  # a part merged away while listed (a run still being written): list again
-        try:
-            chosen, bad = _choose_parts(folder)
-            break
-        except FileNotFoundError:
-            if attempt == 4:
-                raise
-    for path, why in bad:
-        warnings.warn(f"skipped {path}: {why}", SkippedPartWarning, stacklevel=3)
-        skipped.append(path)
-    return chosen
-
-
-def _choose_parts(folder: Path) -> tuple[list[tuple[Path, pa.Schema]], list[tuple[Path, str]]]:
-    parts = sorted(((int(m[1]), int(m[2]), p) for p in folder.iterdir() if (m := PART_RE.match(p.name))),
-                   key=lambda part: (part[0], -part[1]))  # each nest's outermost part first
-    chosen: list[tuple[Path, pa.Schema]] = []
-    bad: list[tuple[Path, str]] = []
-    covered = -1
-    for first, end, path in parts:
-        if end <= covered:
-            continue  # nested in a part already chosen
-        if first < covered:
-            bad.append((path, f"its range {first}-{end} overlaps one already read"))
-            continue
-        try:
-            chosen.append((path, pq.read_schema(path)))
-            covered = end
-        except READ_ERRORS as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise  # merged away meanwhile: list the folder again
-            bad.append((path, f"{type(exc).__name__}: {exc}"))
-    return chosen, bad
+def _footer(path: Path) -> tuple[Path, pa.Schema]:
+    """A part and its schema, from its footer only: readable enough to be chosen."""
+    return path, pq.read_schema(path)
 
 
 def _unify(schemas: list[pa.Schema]) -> pa.Schema:

@@ -14,7 +14,8 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 import pandas as pd
@@ -29,6 +30,7 @@ TABLES = ("samples", "events", "host")
 #: The newest format: ``TABLE/host=NAME/p-FIRST-END.parquet``.
 RUN_FORMAT = 4
 READ_ERRORS = (OSError, ValueError, pa.ArrowException)
+T = TypeVar("T")
 
 
 class SkippedPartWarning(RuntimeWarning):
@@ -41,27 +43,29 @@ def partition_name(key: str, value: str) -> str:
     return f"{key}={quote(value, safe='')}"
 
 
-def _read_folder(folder: Path, skipped: list[Path]) -> list[pd.DataFrame]:
-    """The folder's rows, each once. A part vanishing while read (merged away) means the
-    folder is listed again."""
+def outermost_parts(folder: Path, read: Callable[[Path], T], skipped: list[Path], *, stacklevel: int = 2) -> list[T]:
+    """Each nest of row ranges in ``folder``, read once: its outermost part that ``read`` can
+    read (a crash between a merge and the deletion of its inputs leaves nested ranges; an
+    unreadable merge leaves its inputs). Parts left out are warned about (at ``stacklevel``
+    above the caller) and appended to ``skipped``; a part vanishing while read (merged away by
+    a live writer) means the folder is listed again."""
     for attempt in range(5):
         try:
-            frames, bad = _read_parts(folder)
+            chosen, bad = _choose_parts(folder, read)
             break
         except FileNotFoundError:
             if attempt == 4:
                 raise
     for path, why in bad:
-        warnings.warn(f"skipped {path}: {why}", SkippedPartWarning, stacklevel=4)
+        warnings.warn(f"skipped {path}: {why}", SkippedPartWarning, stacklevel=stacklevel + 1)
         skipped.append(path)
-    return frames
+    return chosen
 
 
-def _read_parts(folder: Path) -> tuple[list[pd.DataFrame], list[tuple[Path, str]]]:
-    """The outermost readable part of each nest of ranges, and the parts left out (why)."""
+def _choose_parts(folder: Path, read: Callable[[Path], T]) -> tuple[list[T], list[tuple[Path, str]]]:
     parts = sorted(((int(m[1]), int(m[2]), p) for p in folder.iterdir() if (m := PART_RE.match(p.name))),
-                   key=lambda part: (part[0], -part[1]))
-    frames: list[pd.DataFrame] = []
+                   key=lambda part: (part[0], -part[1]))  # each nest's outermost part first
+    chosen: list[T] = []
     bad: list[tuple[Path, str]] = []
     covered = -1
     for first, end, path in parts:
@@ -71,14 +75,14 @@ def _read_parts(folder: Path) -> tuple[list[pd.DataFrame], list[tuple[Path, str]
             bad.append((path, f"its range {first}-{end} overlaps one already read"))
             continue
         try:
-            frames.append(pd.read_parquet(path))
+            chosen.append(read(path))
         except FileNotFoundError:
             raise
         except READ_ERRORS as exc:
             bad.append((path, f"{type(exc).__name__}: {exc}"))
             continue
         covered = end
-    return frames, bad
+    return chosen, bad
 
 
 def read_table(path: str | os.PathLike[str], table: str, *, skipped: list[Path] | None = None,
@@ -95,7 +99,7 @@ def read_table(path: str | os.PathLike[str], table: str, *, skipped: list[Path] 
     skipped = skipped if skipped is not None else []
     folder = root / table
     if run_format == 3:
-        return concat_frames(_read_folder(folder, skipped) if folder.is_dir() else [])
+        return concat_frames(outermost_parts(folder, pd.read_parquet, skipped, stacklevel=3) if folder.is_dir() else [])
     key = "host" if run_format >= 4 else "guest"  # format 4: a folder per host; 1 and 2: per guest
     at = 0 if table == "host" or key == "guest" else 1  # where the frames have that column
     frames: list[pd.DataFrame] = []
@@ -104,7 +108,7 @@ def read_table(path: str | os.PathLike[str], table: str, *, skipped: list[Path] 
             continue
         raw = sub.name.removeprefix(f"{key}=")
         value = unquote(raw) if run_format >= 2 else raw
-        for frame in _read_folder(sub, skipped):
+        for frame in outermost_parts(sub, pd.read_parquet, skipped, stacklevel=3):
             frame.insert(min(at, len(frame.columns)), key, value)
             frames.append(frame)
     return concat_frames(frames)
