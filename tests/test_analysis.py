@@ -69,10 +69,11 @@ def events_frame(rows: list[tuple]) -> pd.DataFrame:
 def test_frames_come_from_the_sampler_buffer_with_its_dtypes():
     samples = samples_frame([{"t": 0, "guest": "b", "lu": 0, "actual": 512 * MiB, "unknown_stat": 1},
                              {"t": 1.5, "guest": "a", "actual": 256 * MiB, "age_s": 0.25}])
-    assert list(samples.columns[:2]) == ["guest", "last_update"]
-    assert list(samples.columns[2:2 + len(STAT_NAMES)]) == list(STAT_NAMES)
-    assert list(samples.columns[2 + len(STAT_NAMES):]) == ["actual", "target", "period_s", "rss", "age_s",
-                                                           "reset", *HOST_COLUMNS, *VMEM_COLUMNS, "unknown_stat"]
+    assert list(samples.columns[:3]) == ["guest", "host", "last_update"]
+    assert list(samples.columns[3:3 + len(STAT_NAMES)]) == list(STAT_NAMES)
+    assert list(samples.columns[3 + len(STAT_NAMES):]) == ["actual", "target", "period_s", "rss", "age_s", "reset",
+                                                           "clock_offset_s", *HOST_COLUMNS, *VMEM_COLUMNS,
+                                                           "unknown_stat"]
     assert samples.index.tolist() == [at(0), at(1.5)] and samples.index.name == "time"
     assert list(samples["guest"].cat.categories) == ["a", "b"] and samples["guest"].tolist() == ["b", "a"]
     assert samples["last_update"].iloc[0] == T0 and pd.isna(samples["last_update"].iloc[1])
@@ -82,7 +83,7 @@ def test_frames_come_from_the_sampler_buffer_with_its_dtypes():
     assert str(samples["age_s"].dtype) == "Float64" and samples["age_s"].iloc[1] == 0.25
     assert samples["reset"].tolist() == [False, False]
     events = events_frame([(0.5, "a", "target", 256 * MiB), (0.75, "a", "workload", 64 * MiB, 0.5, "alloc 64 MiB")])
-    assert list(events.columns) == ["guest", "kind", "value", "duration_s", "detail"]
+    assert list(events.columns) == ["guest", "host", "kind", "value", "duration_s", "detail"]
     assert list(events["kind"].cat.categories) == ["target", "workload"]  # kinds seen, sorted
     assert events["detail"].tolist() == ["", "alloc 64 MiB"] and pd.isna(events["duration_s"].iloc[0])
 

@@ -165,11 +165,23 @@ def decide(policy: Policy, view: PolicyView, limits: dict[str, GuestLimits], nam
     return rows, moved
 
 
-def events_frame(rows: list[EventRow]) -> pd.DataFrame:
-    """Event rows as an events frame (the schema's columns and dtypes, index ``time``)."""
+def guest_hosts(samples: pd.DataFrame) -> dict[str, str]:
+    """Each guest's host in a samples frame (empty for a run recorded before frames had hosts)."""
+    if "host" not in samples.columns or samples.empty:
+        return {}
+    pairs = samples[["guest", "host"]].drop_duplicates()
+    return {str(g): str(h) for g, h in zip(pairs["guest"], pairs["host"], strict=True) if not pd.isna(h)}
+
+
+def events_frame(rows: list[EventRow], hosts: dict[str, str] | None = None) -> pd.DataFrame:
+    """Event rows as an events frame (the schema's columns and dtypes, index ``time``); each
+    guest's ``host`` from ``hosts`` (:func:`guest_hosts` of the run), NA for the rest."""
     index = pd.DatetimeIndex([r[0] for r in rows], name="time").as_unit("ns") if rows else \
         pd.DatetimeIndex([], dtype="datetime64[ns, UTC]", name="time")
-    frame = pd.DataFrame({"guest": pd.Categorical([r[1] for r in rows]), "kind": pd.Categorical([r[2] for r in rows]),
+    hosts = hosts or {}
+    frame = pd.DataFrame({"guest": pd.Categorical([r[1] for r in rows]),
+                          "host": pd.Categorical([hosts.get(r[1]) for r in rows]),
+                          "kind": pd.Categorical([r[2] for r in rows]),
                           "value": pd.array([r[3] for r in rows], dtype="Int64"),
                           "duration_s": pd.array([None] * len(rows), dtype="Float64"),
                           "detail": pd.array([r[4] for r in rows], dtype="string")}, index=index)
@@ -201,7 +213,7 @@ def open_loop(run: RecordedRun, policy: Policy, *, name: str | None = None, host
         hlo, hhi = window(host, h_ns, t, win) if len(host) else (0, 0)
         view = PolicyView(now, host.iloc[hlo:hhi], samples.iloc[lo:hi], dict(limits), recorded_budget(run))
         rows += decide(policy, view, limits, name or policy_name(policy), max_step_fraction=step)[0]
-    return events_frame(rows)
+    return events_frame(rows, guest_hosts(samples))
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from balloonlab.analysis.demand import (DEFAULT_HEADROOM_BYTES, GuestTrace, ball
                                         host_state, ram_shift, resident_step, sort_samples, swap_step)
 from balloonlab.analysis.policy_score import score, score_table
 from balloonlab.experiments.policy_decisions import (DecisionComparison, RecordedRun, compare_decisions, decide,
-                                                     decision_times, events_frame, last_before, live_targets, ns,
-                                                     open_loop, policy_meta, recorded_budget, recorded_limits,
-                                                     window)
+                                                     decision_times, events_frame, guest_hosts, last_before,
+                                                     live_targets, ns, open_loop, policy_meta, recorded_budget,
+                                                     recorded_limits, window)
 from balloonlab.model.policy import DEFAULT_MAX_STEP_FRACTION, GuestLimits, Policy, PolicyView, policy_name
 
 #: The live loop's defaults, for runs recorded without a policy.
@@ -288,7 +288,7 @@ def _simulate(policy: Policy, name: str, run: RecordedRun, samples: pd.DataFrame
                 column = out["oom_kills"][traces[g].rows]
                 out["oom_kills"][traces[g].rows] = np.where(np.isnan(column), 0.0, column)
     return PolicyReplay(name, _with(samples, out, 0, len(samples)), _with(host, h_out, 0, len(host)),
-                        events_frame(rows))
+                        events_frame(rows, guest_hosts(samples)))
 
 
 def _rise(delta: float) -> float:
