@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import types
 
 import pytest
 
@@ -73,3 +74,45 @@ def test_ages_are_taken_on_one_clock():
     assert corrected_age(1001.5, 1090, None) is None  # unknown offset: no age rather than a wrong one
     assert corrected_age(1001.5, None, ahead) is None  # no report yet
     assert corrected_age(999.9, 1090, ahead) == 0.0  # within the uncertainty: clipped, never negative
+
+
+# -- the sampler's side: run.json's hosts ---------------------------------------------------
+def remote_guest(name: str, host: str, *, on_this_host: bool = False):
+    """What the sampler reads of a guest to place it on a host (no QEMU behind it)."""
+    return types.SimpleNamespace(name=name, host=host, on_this_host=on_this_host, backend="libvirt",
+                                 uri=f"qemu+tcp://{host}/system")
+
+
+def test_a_slowly_drifting_clock_is_followed_in_run_json(tmp_path):
+    from balloonlab import Sampler
+    from balloonlab.model.stats import BalloonStats
+    sampler = Sampler(run_dir=tmp_path / "run", host_interval_s=None)
+    guest = remote_guest("far", "rack3")
+    sampler._register_host(guest)
+    start = 1_700_000_000.3
+    for k in range(1800):  # an hour of reports at 2 s, the remote clock gaining 1 ms a report: 90 -> 91.8 s
+        report = start + k * 2.003
+        record = BalloonStats(read_time=report + 0.005, last_update=math.floor(report + 90 + k * 0.001), new=True)
+        sampler._observe_clock(guest, record, report + 0.012, report - 0.05)
+    sampler._save_hosts()
+    clock = sampler._writer.metadata["hosts"]["rack3"]
+    assert clock["on_this_host"] is False and clock["reached_by"] == ["qemu+tcp://rack3/system"]
+    assert abs(clock["clock"]["offset_s"] - 91.8) <= 0.6  # the offset now, not the first one
+    history = clock["clock_history"]
+    assert len(history) >= 3 and abs(history[-1]["offset_s"] - 91.8) <= 0.6
+    for entry in history:  # each within its bounds of the offset at its time, give or take the window's drift
+        true = 90 + (entry["measured_at"] - start) / 2.003 * 0.001
+        assert abs(entry["offset_s"] - true) <= entry["uncertainty_s"] + 0.07, (entry, true)
+
+
+def test_a_host_name_cannot_be_this_machine_and_a_remote_one():
+    from balloonlab import Sampler
+    sampler = Sampler(host_interval_s=None)
+    sampler._register_host(remote_guest("here", "lab1", on_this_host=True))
+    with pytest.raises(ValueError, match="host name 'lab1' already names this machine, and guest 'there' runs on a "
+                                         "remote host: set guest.host to another name"):
+        sampler._register_host(remote_guest("there", "lab1"))
+    sampler._register_host(remote_guest("there", "lab1-remote"))
+    clocks = sampler.host_clocks()
+    assert clocks.keys() == {"lab1", "lab1-remote"} and clocks["lab1-remote"] is None  # not bounded yet
+    assert (clocks["lab1"].offset_s, clocks["lab1"].uncertainty_s, clocks["lab1"].method) == (0.0, 0.0, "local")

@@ -168,9 +168,10 @@ async def _record(args: argparse.Namespace) -> Run:
                     with contextlib.suppress(OSError):
                         run_dir.rmdir()  # the empty folder Sampler() made, and only if still empty
                 raise
-            async with sampler, contextlib.AsyncExitStack() as closing:
+            async with contextlib.AsyncExitStack() as closing:  # first in: the endpoint closes if start() fails
                 if metrics is not None:
                     closing.push_async_callback(metrics.aclose)
+                await closing.enter_async_context(sampler)
                 await sampler.add(guest)
                 print(f"recording {guest.name} into {run_dir} (Ctrl-C to stop)", flush=True)
                 if metrics is not None:

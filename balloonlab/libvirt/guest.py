@@ -111,7 +111,7 @@ class LibvirtGuest(GuestBase):
 
         def failed(exc: BaseException) -> LaunchError:
             return LaunchError(f"domain {spec.name} did not come up under libvirt: {exc}",
-                               output=qemu_log_tail(spec.name, log_start))
+                               output=_log_tail(uri, spec.name, log_start))
         async with rollback(destroy, failed):
             guest = cls(link=link, spec=await link.live_spec(), origin="launched", uri=uri,
                         persistent=persistent, agent_dir=made_dir)
@@ -307,6 +307,14 @@ class LibvirtGuest(GuestBase):
         return f"<LibvirtGuest {self.name} {self.origin} {self.uri} via={self.stats_via} pid={self.pid}>"
 
 
+def _log_tail(uri: str, name: str, start: int) -> str:
+    """The end of QEMU's log for a failed launch; on a remote URI, where to find it (this
+    machine's log of that name is another domain's, or none)."""
+    if is_local_qemu(uri):
+        return qemu_log_tail(name, start)
+    return f"(QEMU's log is on {urlsplit(uri).hostname}: /var/log/libvirt/qemu/{name}.log there)"
+
+
 async def _create(link: DomainLink, uri: str, name: str, xml: str, persistent: bool,
                   log_start: int) -> libvirt.virDomain:
     conn = link.conn
@@ -346,7 +354,7 @@ async def _create(link: DomainLink, uri: str, name: str, xml: str, persistent: b
     except BalloonLabError as exc:  # libvirt's refusal (its words kept), or no answer in time
         why = exc.desc if isinstance(exc, CommandError) else str(exc)
         raise LaunchError(f"libvirt could not start domain {name}: {why}",
-                          output=qemu_log_tail(name, log_start)) from exc
+                          output=_log_tail(uri, name, log_start)) from exc
     return dom
 
 

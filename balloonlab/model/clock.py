@@ -37,7 +37,9 @@ class ClockEstimate:
     """A host's clock minus this host's, in seconds.
 
     :param offset_s: the estimate (the middle of the bounds).
-    :param uncertainty_s: the most it can be off by (half the bounds' width; 0 for this host).
+    :param uncertainty_s: the most it can be off by while the offset holds still (half the
+        bounds' width; 0 for this host). A drifting clock is followed through the window of
+        reports, so during drift the estimate can lag by the drift over that window.
     :param method: ``local`` (the same clock) or ``reports`` (bounded by balloon reports).
     :param measured_at: this host's epoch seconds when the estimate was made.
     :param reports: how many reports' bounds it rests on.

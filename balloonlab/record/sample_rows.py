@@ -11,6 +11,7 @@ stood through the run.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +44,19 @@ class SampleRows:
         now = time.time()
         return {host: clock.estimate(now) for host, clock in self._clocks.items()}
 
-    def _clock_of(self, guest: GuestProtocol) -> HostClock:
+    def _register_host(self, guest: GuestProtocol) -> HostClock:
+        """The guest's host clock, made (and the host added to run.json) on its first guest.
+
+        :raises ValueError: the host's name was already taken by a host on the other side (this
+            machine against a remote one): their clocks would be mixed.
+        """
         clock = self._clocks.get(guest.host)
         if clock is None:
             clock = self._clocks[guest.host] = HostClock(local=guest.on_this_host)
+        elif clock.local != guest.on_this_host:
+            here, there = ("this machine", "a remote host") if clock.local else ("a remote host", "this machine")
+            raise ValueError(f"host name {guest.host!r} already names {here}, and guest {guest.name!r} runs on "
+                             f"{there}: set guest.host to another name before adding it")
         meta = self._hosts_meta.setdefault(guest.host, {"on_this_host": guest.on_this_host, "reached_by": []})
         reached_by = str(getattr(guest, "uri", None) or guest.backend)
         if reached_by not in meta["reached_by"]:
@@ -56,27 +66,30 @@ class SampleRows:
 
     def _observe_clock(self, guest: GuestProtocol, record: BalloonStats, received: float,
                        previous_sent: float | None) -> None:
-        """Bound the guest's host's clock by a read that found a new report."""
-        clock = self._clock_of(guest)
+        """Bound the guest's host's clock by a read that found a new report; run.json's history
+        gets the estimate whenever it moved from the last one recorded by more than that one's
+        uncertainty (or half a second), so a slow drift is recorded too."""
+        clock = self._clocks[guest.host]
         if clock.local or record.last_update is None:
             return
-        before = clock.estimate(received)
         if clock.observe(record.last_update, received=received, previous_sent=previous_sent):
             self.record_event(guest.name, "clock", None,
                               f"the clock of host {guest.host} stepped (or this one did): its offset is learnt again")
-        after = clock.estimate(received)
-        if after is not None and (before is None or abs(after.offset_s - before.offset_s) > max(
-                before.uncertainty_s, 0.5)):
-            history = self._hosts_meta[guest.host].setdefault("clock_history", [])
-            history.append(after.as_dict())
+        now = clock.estimate(received)
+        history = self._hosts_meta[guest.host].setdefault("clock_history", [])
+        last = history[-1] if history else None
+        if now is not None and (last is None or abs(now.offset_s - last["offset_s"]) > max(last["uncertainty_s"], 0.5)):
+            history.append(now.as_dict())
             del history[:-HISTORY]
             self._save_hosts()
 
     def _save_hosts(self) -> None:
+        """Stage run.json's ``hosts`` with each clock as now estimated (a deep copy: the flush
+        thread writes it while this loop goes on changing the lists)."""
         for host, meta in self._hosts_meta.items():
             estimate = self._clocks[host].estimate(time.time()) if host in self._clocks else None
             meta["clock"] = estimate.as_dict() if estimate is not None else None
-        self.add_metadata(hosts={host: dict(meta) for host, meta in self._hosts_meta.items()})
+        self.add_metadata(hosts=copy.deepcopy(self._hosts_meta))
 
     def _append(self, guest: GuestProtocol, record: BalloonStats, period: int, at: float) -> None:
         """One row at host time ``at`` (the report's estimated time, a little before
@@ -84,7 +97,7 @@ class SampleRows:
         stays the age at the read, on this host's clock)."""
         if record.reset:
             self.record_event(guest.name, "reset", None, "guest reset detected", at=at)
-        offset = self._clock_of(guest).estimate(record.read_time)
+        offset = self._clocks[guest.host].estimate(record.read_time)
         row: dict[str, object] = dict(record.stats)
         row.update(guest=guest.name, host=guest.host, last_update=record.last_update,
                    actual=record.actual if record.actual is not None else guest.balloon.actual,

@@ -157,13 +157,15 @@ class Sampler(HostSide, SampleRows, MetricsSide):
 
         :param guest: a ``Guest`` or ``LibvirtGuest`` made on this loop (a blocking twin's
             ``.aio`` is taken when this sampler runs on balloonlab's own loop).
-        :raises ValueError: a guest with this name is already being sampled.
+        :raises ValueError: a guest with this name is already being sampled, or its ``host``
+            name is taken by a host on the other side (this machine against a remote one).
         :raises TypeError: not a guest, or one bound to another event loop (the message says
             what to pass instead).
         """
         guest = async_guest(guest, type(self).__name__)
         if guest.name in self._guests and self._guests[guest.name][1].state in ("starting", "sampling"):
             raise ValueError(f"guest {guest.name!r} is already being sampled")
+        self._register_host(guest)  # raises before anything else is set up for a clashing host name
         state = SamplingState(guest.name, host=guest.host)
         self._guests[guest.name] = (guest, state)
         # Each listener also checks that its guest is still sampled under this state, so an
@@ -237,6 +239,8 @@ class Sampler(HostSide, SampleRows, MetricsSide):
         if self._writer is not None:
             # A full disk raises here; the rows stay in memory and the exit hook tries again.
             await self.flush()
+            if self._hosts_meta:
+                self._save_hosts()  # each host's clock as it stood at the end
             self._writer.write_metadata(status="finished", end=_iso(time.time()),
                                         samples=self._samples.total_rows, events=self._events.total_rows)
             self._writer.close()

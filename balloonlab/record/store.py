@@ -66,8 +66,8 @@ class RunWriter:
     """Writes one run folder incrementally.
 
     :param path: the run folder (created; must not hold another run).
-    :param merge_factor: merge a guest's newest parts once they add up to this many times the
-        largest of them (2 or more).
+    :param merge_factor: merge a table's newest parts of one host once they add up to this many
+        times the largest of them (2 or more).
     :raises FileExistsError: ``path`` already holds a run.
     """
 
@@ -193,7 +193,7 @@ class RunWriter:
         return best
 
     def compact(self) -> None:
-        """Merge each table's parts into one file now (crash-safe: see the module docstring)."""
+        """Merge each table's parts into one file per host now (crash-safe: see the module docstring)."""
         for parts in self._parts.values():
             if len(parts) >= 2:
                 _merge(parts, 0)
