@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from balloonlab.domain import DomainSpec, render_domain_xml, with_serial_socket_paths
 from balloonlab.model.procfs import process_args
@@ -117,3 +118,12 @@ def qemu_log_tail(name: str, since: int = 0, limit: int = 3000) -> str:
         except OSError:
             continue
     return ""
+
+
+def launch_log_tail(uri: str, name: str, since: int = 0) -> str:
+    """The end of QEMU's log for a launch that failed on ``uri``; on a remote host, where to
+    find it (this machine's log of that name is another domain's, or none)."""
+    host = urlsplit(uri).hostname
+    if not host:
+        return qemu_log_tail(name, since)
+    return f"(QEMU's log is on {host}: /var/log/libvirt/qemu/{name}.log there)"

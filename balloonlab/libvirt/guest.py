@@ -22,7 +22,7 @@ import libvirt
 from balloonlab.domain import DomainSpec, as_spec
 from balloonlab.image.agent import Workload
 from balloonlab.libvirt.balloon import LibvirtBalloon
-from balloonlab.libvirt.files import agent_root, pid_is_domain, prepare_xml, qemu_log_size, qemu_log_tail, qemu_pid
+from balloonlab.libvirt.files import agent_root, launch_log_tail, pid_is_domain, prepare_xml, qemu_log_size, qemu_pid
 from balloonlab.libvirt.link import DomainLink, StatsVia, is_local_qemu, open_link
 from balloonlab.model.deadline import Deadline, wait_until
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
@@ -111,7 +111,7 @@ class LibvirtGuest(GuestBase):
 
         def failed(exc: BaseException) -> LaunchError:
             return LaunchError(f"domain {spec.name} did not come up under libvirt: {exc}",
-                               output=_log_tail(uri, spec.name, log_start))
+                               output=launch_log_tail(uri, spec.name, log_start))
         async with rollback(destroy, failed):
             guest = cls(link=link, spec=await link.live_spec(), origin="launched", uri=uri,
                         persistent=persistent, agent_dir=made_dir)
@@ -307,14 +307,6 @@ class LibvirtGuest(GuestBase):
         return f"<LibvirtGuest {self.name} {self.origin} {self.uri} via={self.stats_via} pid={self.pid}>"
 
 
-def _log_tail(uri: str, name: str, start: int) -> str:
-    """The end of QEMU's log for a failed launch; on a remote URI, where to find it (this
-    machine's log of that name is another domain's, or none)."""
-    if is_local_qemu(uri):
-        return qemu_log_tail(name, start)
-    return f"(QEMU's log is on {urlsplit(uri).hostname}: /var/log/libvirt/qemu/{name}.log there)"
-
-
 async def _create(link: DomainLink, uri: str, name: str, xml: str, persistent: bool,
                   log_start: int) -> libvirt.virDomain:
     conn = link.conn
@@ -354,7 +346,7 @@ async def _create(link: DomainLink, uri: str, name: str, xml: str, persistent: b
     except BalloonLabError as exc:  # libvirt's refusal (its words kept), or no answer in time
         why = exc.desc if isinstance(exc, CommandError) else str(exc)
         raise LaunchError(f"libvirt could not start domain {name}: {why}",
-                          output=_log_tail(uri, name, log_start)) from exc
+                          output=launch_log_tail(uri, name, log_start)) from exc
     return dom
 
 
