@@ -5,7 +5,8 @@ tests/qemuxmlconfdata (libvirt >= 10) of Debian's libvirt source package, which
 scripts/fetch-libvirt-corpus (`make corpus`) caches once; nothing downloads at test time, and a
 missing corpus fails (never skips). Every domain XML must parse to a DomainSpec or be refused
 with DomainXMLError; where libvirt has an ``.x86_64-latest.args``, the balloon ``-device`` and
-the ``-m`` size balloonlab builds must equal libvirt's, but for KNOWN_M_MISMATCHES.
+the ``-m`` size balloonlab builds must equal libvirt's, but for KNOWN_M_MISMATCHES, and so must the
+virtio-serial channels (controller, chardevs, ports) of every command line balloonlab builds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -38,6 +40,8 @@ ARGS_SUFFIX = ".x86_64-latest.args"
 # .args, 212 with a balloon; libvirt 11.3: 1208 (1203), 772, 474. An empty or truncated corpus must not pass.
 MIN_XML, MIN_PARSED, MIN_ARGS, MIN_BALLOONS = 1000, 1000, 300, 200
 MIN_MEMORY = 20  # .args with NUMA nodes or memory devices balloonlab launches (libvirt 9.0: 23)
+MIN_CHANNELS = 4  # .args with a unix virtio channel (the guest agent's) balloonlab launches (libvirt 9.0: 4)
+CHANNEL_DIR = "/run/ch"  # where build_argv puts the sockets of channels without a <source path>
 SHOWN = 12  # failures listed in full per assertion
 
 # `-m` disagreements with libvirt, each explained. balloonlab's memory_option() writes libvirt's
@@ -117,12 +121,42 @@ class Outcome:
     m_mismatches: dict[str, str] = field(default_factory=dict)
     memory_compared: int = 0
     memory_mismatches: dict[str, str] = field(default_factory=dict)
+    channels_compared: int = 0
+    channel_mismatches: dict[str, str] = field(default_factory=dict)
+    channels_dropped: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         return (f"{self.xml_count} XMLs: {len(self.specs)} parsed, {len(self.refused)} refused, "
                 f"{len(self.crashed)} crashed; {self.args_compared} .args: balloon "
                 f"{self.balloons_compared - len(self.balloon_mismatches)}/{self.balloons_compared} agree, "
-                f"-m {self.m_compared - len(self.m_mismatches)}/{self.m_compared} agree")
+                f"-m {self.m_compared - len(self.m_mismatches)}/{self.m_compared} agree, channels "
+                f"{self.channels_compared - len(self.channel_mismatches)}/{self.channels_compared} agree")
+
+
+# A chardev's socket: libvirt passes the socket it opened (fd=N), balloonlab its path (',' doubled).
+_CHARDEV_SOCKET = re.compile(r",(?:fd|path)=(?:,,|[^,])*")
+
+
+def channel_lines(argv: list[str]) -> list[str]:
+    """The virtio-serial channels of a command line, in order: the controllers its ports sit on
+    (without bus/addr: libvirt placed them, balloonlab leaves that to QEMU), each port's
+    ``-chardev`` (its socket written as ``<socket>``) and its virtserialport ``-device``."""
+    devices = [(flag, json.loads(value)) for flag, value in zip(argv, argv[1:], strict=False)
+               if flag == "-device" and value.startswith("{")]
+    ports = [props for _, props in devices if props.get("driver") == "virtserialport"]
+    buses, chardevs = {p["bus"].removesuffix(".0") for p in ports}, {p["chardev"] for p in ports}
+    lines = []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "-device" and value.startswith("{"):
+            props = json.loads(value)
+            if props.get("id") in buses and str(props.get("driver")).startswith("virtio-serial"):
+                props = {k: v for k, v in props.items() if k not in ("bus", "addr")}
+            elif props.get("driver") != "virtserialport":
+                continue
+            lines.append(f"-device {json.dumps(props, separators=(',', ':'))}")
+        elif flag == "-chardev" and value.partition(",id=")[2].split(",")[0] in chardevs:
+            lines.append("-chardev " + _CHARDEV_SOCKET.sub(",<socket>", value, count=1))
+    return lines
 
 
 def _listing(found: dict[str, str]) -> str:
@@ -156,6 +190,12 @@ def _compare(outcome: Outcome, name: str, spec: DomainSpec, ours_argv: list[str]
         if ours_memory != theirs_memory or not set(placed) <= set(memory_lines(theirs)):
             outcome.memory_mismatches[name] = (f"balloonlab {sorted(set(ours_memory) - set(theirs_memory))} "
                                                f"!= libvirt {sorted(set(theirs_memory) - set(ours_memory))}")
+    ours_channels = channel_lines(ours_argv) if ours_argv is not None else []
+    theirs_channels = channel_lines(theirs)
+    if ours_argv is not None and (ours_channels or theirs_channels):  # refused: an unsupported channel, say
+        outcome.channels_compared += 1
+        if ours_channels != theirs_channels:
+            outcome.channel_mismatches[name] = f"balloonlab {ours_channels} != libvirt {theirs_channels}"
 
 
 def check_corpus(corpus: Corpus) -> Outcome:
@@ -178,11 +218,14 @@ def check_corpus(corpus: Corpus) -> Outcome:
             outcome.crashed[name] = traceback.format_exc()
             continue
         outcome.specs[name] = spec
+        in_xml = len(ET.parse(xml).getroot().findall("./devices/channel"))
+        if len(spec.channels) != in_xml:
+            outcome.channels_dropped[name] = f"{in_xml} <channel> in the XML, {len(spec.channels)} in the spec"
         ours_argv: list[str] | None = None
         try:
             ours_argv = build_argv(spec, qmp_socket="/run/q.sock", console_log="/run/console.log",
-                                   agent_socket=None, accel="tcg")
-        except ValueError as error:  # documented: a disk bus QEMU cannot attach as described
+                                   agent_socket=None, accel="tcg", channel_dir=CHANNEL_DIR)
+        except ValueError as error:  # documented: a disk bus QEMU cannot attach as described, a channel kind
             outcome.argv_refused[name] = str(error)
         except Exception:
             outcome.argv_crashed[name] = traceback.format_exc()
@@ -266,6 +309,58 @@ def test_numa_nodes_memory_backends_and_memory_devices_equal_libvirts(corpus: Co
     assert not unexpected, (f"of {outcome.memory_compared} against libvirt's {ARGS_SUFFIX}:\n"
                             f"{_listing(unexpected)}")
     assert outcome.memory_compared >= MIN_MEMORY, outcome.summary()
+
+
+def test_every_channel_is_kept(outcome: Outcome) -> None:
+    assert not outcome.channels_dropped, f"channels lost in parsing:\n{_listing(outcome.channels_dropped)}"
+    assert sum(len(spec.channels) for spec in outcome.specs.values()) >= 50, outcome.summary()
+
+
+def test_virtio_serial_channels_equal_libvirts(outcome: Outcome) -> None:
+    """The controller (but its placement), each channel's chardev (but the socket: libvirt passes
+    an fd it opened) and virtserialport, in libvirt's order, where balloonlab builds the argv."""
+    assert not outcome.channel_mismatches, (f"{len(outcome.channel_mismatches)} of {outcome.channels_compared} "
+                                            f"differ from libvirt's {ARGS_SUFFIX}:\n"
+                                            f"{_listing(outcome.channel_mismatches)}")
+    assert outcome.channels_compared >= MIN_CHANNELS, outcome.summary()
+
+
+def _device_props(value: str) -> dict[str, object]:
+    """A ``-device`` value as properties: JSON (libvirt's latest caps) or ``driver,key=value,...``."""
+    if value.startswith("{"):
+        props: dict[str, object] = json.loads(value)
+        return props
+    driver, *rest = value.split(",")
+    pairs = (item.partition("=") for item in rest)
+    return {"driver": driver} | {k: int(v) if v.isdigit() else v for k, _, v in pairs}
+
+
+def test_unix_channels_with_and_without_path_follow_libvirt(corpus: Corpus) -> None:
+    """channel-virtio-unix: the guest agent's, an unnamed and a named channel without a path, and
+    one with a path. Its .args in libvirt 9 are of older QEMU caps (key=value -device), not
+    x86_64-latest: compared here port by port."""
+    xml = corpus.directory / "channel-virtio-unix.xml"
+    args = corpus.args_for(xml) if corpus.args_for(xml).exists() else xml.with_suffix(".args")
+    spec = load_domain_xml(xml)
+    ours = build_argv(spec, qmp_socket="/run/q.sock", console_log="/run/c.log", agent_socket=None,
+                      accel="tcg", channel_dir=CHANNEL_DIR)
+    theirs = read_args(args)
+
+    def ports(argv: list[str]) -> list[dict[str, object]]:
+        return [props for flag, value in zip(argv, argv[1:], strict=False)
+                if flag == "-device" and (props := _device_props(value))["driver"] == "virtserialport"]
+    assert ports(ours) == ports(theirs) and len(ports(ours)) == 4
+    socket_of = {value.split(",")[1]: value for flag, value in zip(theirs, theirs[1:], strict=False)
+                 if flag == "-chardev" and value.startswith("socket,id=charchannel")}
+    ours_chardevs = [value for flag, value in zip(ours, ours[1:], strict=False)
+                     if flag == "-chardev" and "charchannel" in value]
+    assert ours_chardevs[:3] == [_CHARDEV_SOCKET.sub(f",path={CHANNEL_DIR}/ch{n}.sock", socket_of[f"id=charchannel{n}"],
+                                                     count=1) for n in range(3)]
+    # The fourth names a path in libvirt's own channel dir (/tmp/channel in its tests) without a
+    # mode: libvirt drops such a path and listens on one it makes; anywhere else a path without
+    # mode means connect (libvirt's default), and balloonlab keeps the path it was given.
+    assert ours_chardevs[3] == "socket,id=charchannel3,path=/tmp/channel/domain-oldname/fdsa"
+    assert "server=on" in socket_of["id=charchannel3"]
 
 
 def test_known_mismatches_have_memory_devices_or_numa_cells(corpus: Corpus) -> None:

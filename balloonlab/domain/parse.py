@@ -12,6 +12,8 @@ from balloonlab.domain.spec import (
     _DECIMAL,
     BALLOON_MODELS,
     BALLOONLAB_NS,
+    CHANNEL_MODES,
+    ChannelSpec,
     DiskSpec,
     DomainSpec,
     MemballoonSpec,
@@ -80,6 +82,22 @@ def _serial(node: etree._Element, index: int) -> SerialSpec:
                       path=source.get("path") if source is not None else None)
 
 
+def _channel(node: etree._Element) -> ChannelSpec:
+    source, target = node.find("source"), node.find("target")
+    kind = node.get("type", "pty")  # libvirt's default chardev type, as for <serial>
+    path = (source.get("path") if source is not None else None) or None
+    target_type, target_name = (None, None) if target is None else (target.get("type"), target.get("name"))
+    if kind != "unix":  # every other kind is kept as given: the libvirt backend passes it on
+        return ChannelSpec(type=kind, path=path, target_type=target_type, target_name=target_name)
+    mode = source.get("mode") if source is not None else None
+    if mode is not None and mode not in CHANNEL_MODES:
+        _fail(f"channel source mode={_shown(mode)} is not valid; expected 'bind' or 'connect'", source)
+    # libvirt's rules: a unix socket without a path gets one libvirt makes, and QEMU listens on
+    # it whatever the mode (qemuDomainChrDefPostParse); with a path, a missing mode means connect.
+    mode = "bind" if path is None else mode or "connect"
+    return ChannelSpec(type=kind, path=path, target_type=target_type, target_name=target_name, mode=mode)
+
+
 def _agent(root: etree._Element) -> bool:
     metadata = root.find("metadata")
     guest = None if metadata is None else metadata.find(f"{{{BALLOONLAB_NS}}}guest")
@@ -115,6 +133,7 @@ class _DeviceFields(TypedDict):
     emulator: str | None
     disks: tuple[DiskSpec, ...]
     serials: tuple[SerialSpec, ...]
+    channels: tuple[ChannelSpec, ...]
     memballoon: MemballoonSpec | None
 
 
@@ -133,6 +152,7 @@ def _device_fields(devices: etree._Element | None, domain_type: str) -> _DeviceF
     return {"emulator": _text(dev.find("emulator")),
             "disks": tuple(d for d in map(_disk, dev.findall("disk")) if d is not None),
             "serials": tuple(_serial(n, i) for i, n in enumerate(dev.findall("serial"))),
+            "channels": tuple(map(_channel, dev.findall("channel"))),
             "memballoon": _memballoon(dev.findall("memballoon"), domain_type)}
 
 

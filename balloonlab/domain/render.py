@@ -16,6 +16,7 @@ from balloonlab.domain.spec import (
     BALLOON_MODELS,
     BALLOONLAB_NS,
     VIRTIO_MEM_MIN_BLOCK_BYTES,
+    ChannelSpec,
     DiskSpec,
     DomainSpec,
     MemballoonSpec,
@@ -69,6 +70,15 @@ def _render_serial(devices: etree._Element, serial: SerialSpec) -> None:
     _sub(node, "target", port=str(serial.port))
 
 
+def _render_channel(devices: etree._Element, channel: ChannelSpec) -> None:
+    node = _sub(devices, "channel", type=channel.type)
+    if channel.type == "unix":  # no path: libvirt picks one (and balloonlab's launcher too)
+        _sub(node, "source", mode=channel.mode, path=channel.path)
+    elif channel.path is not None:
+        _sub(node, "source", path=channel.path)
+    _sub(node, "target", type=channel.target_type, name=channel.target_name)
+
+
 def render_domain_xml(spec: DomainSpec) -> str:
     """Write ``spec`` as libvirt domain XML (memory in KiB, rounded up).
 
@@ -106,6 +116,8 @@ def render_domain_xml(spec: DomainSpec) -> str:
         _render_disk(devices, disk)
     for serial in spec.serials:
         _render_serial(devices, serial)
+    for channel in spec.channels:
+        _render_channel(devices, channel)
     _render_memballoon(devices, spec.memballoon)
     for device in spec.memory_devices:
         render_memory_device(devices, device)
@@ -117,7 +129,9 @@ def with_serial_socket_paths(xml: str, path_for_port: Callable[[int], str | None
     """Give every ``<serial type='unix'>`` without a ``<source path>`` one, editing nothing else.
 
     balloonlab's launcher picks serial socket paths itself, so its XML leaves them out;
-    libvirt refuses that ("Missing source path attribute for char device").
+    libvirt refuses that ("Missing source path attribute for char device"). ``<channel>``
+    elements are left as they are: libvirt picks the path of a unix channel without one itself
+    (on a remote host too).
 
     :param path_for_port: the socket path for a serial port number; None makes the port
         ``type='null'`` (connected to nothing: a remote host, where no path of ours exists).

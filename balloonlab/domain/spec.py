@@ -21,6 +21,10 @@ MEMORY_MODELS = ("dimm", "nvdimm", "virtio-pmem", "virtio-mem", "sgx-epc")
 VIRTIO_MEM_MIN_BLOCK_BYTES = 2 << 20
 #: libvirt's limit on vCPU and host node ids in a cpuset (``VIR_DOMAIN_CPUMASK_LEN``).
 CPUMASK_LEN = 16384
+#: The virtio-serial port name qemu-guest-agent opens in the guest (``<channel><target name=...>``).
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+#: ``<channel><source mode=...>`` of a unix socket: QEMU listens (bind) or connects to a listener.
+CHANNEL_MODES = ("bind", "connect")
 
 _DECIMAL = re.compile(r"\s*[0-9]{1,20}\s*\Z")  # 20 digits: a C unsigned long long
 # libvirt reads address numbers with strtoul(base 0): '18' decimal, '0x12' hex, '022' octal.
@@ -110,6 +114,30 @@ class SerialSpec:
     type: str
     port: int
     path: str | None = None
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """A ``<channel>``: a host character device the guest sees as a named port.
+
+    ``<channel type='unix'>`` with ``<target type='virtio' name='org.qemu.guest_agent.0'/>`` is
+    the guest agent's port (:data:`AGENT_CHANNEL`).
+
+    :param type: the host side (chardev type): 'unix', 'pty', 'spicevmc', 'pipe', ...
+    :param path: ``<source path=...>``, None when not given (libvirt then picks a unix
+        socket's path itself, and so does balloonlab's launcher).
+    :param target_type: ``<target type=...>``: 'virtio' (a virtio-serial port), 'guestfwd',
+        'xen'; None when not given.
+    :param target_name: ``<target name=...>``: the port's name in the guest; None when not given.
+    :param mode: for type 'unix' only (the others ignore it), one of :data:`CHANNEL_MODES`:
+        'bind' (QEMU listens on ``path``) or 'connect' (QEMU connects to a listener there).
+    """
+
+    type: str
+    path: str | None
+    target_type: str | None
+    target_name: str | None
+    mode: str = "bind"
 
 
 @dataclass(frozen=True)
@@ -209,6 +237,8 @@ class DomainSpec:
     memory_devices: tuple[MemoryDeviceSpec, ...] = ()
     #: ``<memtune><min_guarantee>``: the least memory policies leave the guest (None: not given).
     min_guarantee_bytes: int | None = None
+    #: ``<devices><channel>``: host character devices the guest sees as named ports, in document order.
+    channels: tuple[ChannelSpec, ...] = ()
     xml: str = dataclasses.field(default="", repr=False)
 
     @property
@@ -233,4 +263,9 @@ class DomainSpec:
     def has_memory_hotplug(self) -> bool:
         """True when ``<maxMemory>`` is given: QEMU then gets ``maxmem`` (and ``slots``)."""
         return self.max_memory_bytes is not None
+
+    @property
+    def agent_channel(self) -> ChannelSpec | None:
+        """The first channel whose target name is :data:`AGENT_CHANNEL` (the guest agent's port), or None."""
+        return next((c for c in self.channels if c.target_name == AGENT_CHANNEL), None)
 

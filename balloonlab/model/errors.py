@@ -118,5 +118,19 @@ class AgentError(BalloonLabError):
     """The in-guest workload agent refused or failed a request (e.g. allocation failed)."""
 
 
+class GuestAgentError(AgentError):
+    """qemu-guest-agent answered a command with an error (its ``class`` and ``desc`` kept)."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"guest agent: {command} failed: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class AgentUnavailable(AgentError):
+    """No qemu-guest-agent answered (not started yet, not installed, or no channel for it)."""
+
+
 class BalloonLabWarning(UserWarning):
     """Something worked, but not as the domain XML asked (e.g. the period could not be set)."""

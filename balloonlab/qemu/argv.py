@@ -15,14 +15,15 @@ import os
 import shutil
 from pathlib import Path
 
-from balloonlab.domain import AddressSpec, DiskSpec, DomainSpec
+from balloonlab.domain import AGENT_CHANNEL, AddressSpec, ChannelSpec, DiskSpec, DomainSpec
 from balloonlab.model.errors import LaunchError
 from balloonlab.qemu.devices import balloon_device_type
 from balloonlab.qemu.memory_argv import (LAUNCHED_MODELS, VIRTIO_OPTION_PROPERTIES, _json, memory_backend,
                                          memory_device, memory_option, numa_args, pci_placement)
 
-__all__ = ["VIRTIO_OPTION_PROPERTIES", "balloon_device", "build_argv", "check_launch_inputs", "kvm_usable",
-           "memory_option", "qemu_binary_for", "resolve_accel"]
+__all__ = ["VIRTIO_OPTION_PROPERTIES", "balloon_device", "build_argv", "channel_sockets", "check_launch_inputs",
+           "guest_agent_socket", "kvm_usable", "memory_option", "qemu_binary_for", "resolve_accel",
+           "unsupported_channel"]
 # QEMU binary per guest arch where the names differ; i686 guests run on qemu-system-x86_64
 # in libvirt's tests (hostdev-pci-address: arch i686, emulator qemu-system-x86_64).
 _ARCH_BINARY = {"i686": "x86_64", "armv7l": "arm", "ppc64le": "ppc64", "s390": "s390x"}
@@ -197,6 +198,76 @@ def _serial_args(console_log: str, agent_socket: str | None) -> list[str]:
     return argv
 
 
+def unsupported_channel(channel: ChannelSpec, index: int) -> str | None:
+    """Why balloonlab's launcher cannot build ``channel`` (the ``index``-th), and what to do; None if it can.
+
+    It builds unix-socket channels on a virtio-serial port, as libvirt does (the guest agent's
+    port is one); pty, spicevmc, guestfwd and the other kinds need host set-up it does not do.
+    """
+    if channel.type == "unix" and channel.target_type == "virtio":
+        return None
+    name = f" name={channel.target_name!r}" if channel.target_name is not None else ""
+    return (f"<channel type={channel.type!r}> with <target type={channel.target_type!r}{name}> (channel {index}) "
+            "is not launched by balloonlab's QEMU launcher: it builds only <channel type='unix'> with "
+            "<target type='virtio'>; change the channel to that, take it out, or start the domain with the "
+            "libvirt backend (LibvirtGuest)")
+
+
+def channel_sockets(spec: DomainSpec, channel_dir: str | os.PathLike[str] | None) -> tuple[str | None, ...]:
+    """The host unix socket of each of ``spec.channels``, in order.
+
+    A channel's own ``<source path>``; for a unix channel without one, ``ch<N>.sock`` in
+    ``channel_dir`` (N: its index among the channels, below 31, a virtio-serial controller's
+    ports: short, so the path fits in a socket address wherever the runtime dir's ``agent.sock``
+    does); None for a channel that is not a unix socket, and for a path-less one when
+    ``channel_dir`` is None (someone else's QEMU: its path is unknown).
+
+    :param channel_dir: the guest's runtime directory, or None.
+    """
+    def host_socket(index: int, channel: ChannelSpec) -> str | None:
+        if channel.type != "unix":
+            return None
+        if channel.path is not None or channel_dir is None:
+            return channel.path
+        return os.path.join(os.fspath(channel_dir), f"ch{index}.sock")
+    return tuple(host_socket(index, channel) for index, channel in enumerate(spec.channels))
+
+
+def guest_agent_socket(spec: DomainSpec, channel_dir: str | os.PathLike[str] | None) -> str | None:
+    """The host socket of the guest agent's channel (target name :data:`~balloonlab.domain.AGENT_CHANNEL`),
+    as :func:`channel_sockets` places it; None when there is no such channel or its path is unknown."""
+    for channel, path in zip(spec.channels, channel_sockets(spec, channel_dir), strict=True):
+        if channel.target_name == AGENT_CHANNEL:
+            return path
+    return None
+
+
+def _channel_args(spec: DomainSpec, channel_dir: str) -> list[str]:
+    """libvirt's lines for virtio-serial channels: one controller, then a chardev and a port per channel."""
+    if not spec.channels:
+        return []
+    for index, channel in enumerate(spec.channels):
+        if (why := unsupported_channel(channel, index)) is not None:
+            raise ValueError(why)
+    # No <controller type='virtio-serial'> is read: one controller holds every port, numbered
+    # from 1 in document order as libvirt numbers ports without an address; QEMU places it.
+    controller = "virtio-serial-ccw" if spec.arch in ("s390x", "s390") else "virtio-serial-pci"
+    argv = ["-device", _json({"driver": controller, "id": "virtio-serial0"})]
+    for index, (channel, path) in enumerate(zip(spec.channels, channel_sockets(spec, channel_dir), strict=True)):
+        assert path is not None  # a unix channel (checked above) in a known dir
+        chardev = f"socket,id=charchannel{index},path={_esc(path)}"
+        # QEMU listens (wait=off: it starts without waiting for a client) unless told to connect
+        # to a given path; a socket of our own making is always listened on, as libvirt does.
+        if channel.mode == "bind" or channel.path is None:
+            chardev += ",server=on,wait=off"
+        port: dict[str, object] = {"driver": "virtserialport", "bus": "virtio-serial0.0", "nr": index + 1,
+                                   "chardev": f"charchannel{index}", "id": f"channel{index}"}
+        if channel.target_name is not None:
+            port["name"] = channel.target_name
+        argv += ["-chardev", chardev, "-device", _json(port)]
+    return argv
+
+
 def _kernel_args(spec: DomainSpec) -> list[str]:
     argv: list[str] = []
     for option, value in (("-kernel", spec.kernel), ("-initrd", spec.initrd), ("-append", spec.cmdline)):
@@ -206,18 +277,24 @@ def _kernel_args(spec: DomainSpec) -> list[str]:
 
 
 def build_argv(spec: DomainSpec, *, qmp_socket: str, console_log: str, agent_socket: str | None,
-               accel: str, qemu_binary: str | None = None) -> list[str]:
+               accel: str, qemu_binary: str | None = None, channel_dir: str | None = None) -> list[str]:
     """The qemu-system argv that starts ``spec`` paused, with QMP on ``qmp_socket``.
 
     Serial port 0 goes to ``console_log`` (always), port 1 to the ``agent_socket`` unix socket
     (when given). A balloon's or memory device's PCI address is kept only on the machine's root
     bus. Memory, NUMA cells and memory devices follow :mod:`.memory_argv` (libvirt's ``-m``,
-    ``-numa`` and ``-object``/``-device`` lines).
+    ``-numa`` and ``-object``/``-device`` lines). Channels get libvirt's lines: a
+    ``virtio-serial0`` controller, and per channel N a ``charchannelN`` socket chardev (QEMU
+    listens for mode 'bind', connects for 'connect') and a ``channelN`` virtserialport ``nr``
+    N+1 with the target's name; sockets as :func:`channel_sockets` places them.
 
     :param accel: 'kvm' or 'tcg', already resolved (see :func:`resolve_accel`).
     :param qemu_binary: overrides :func:`qemu_binary_for`.
-    :raises ValueError: for another accel, a disk QEMU cannot attach as described, or a memory
-        device balloonlab does not launch (nvdimm, virtio-pmem, sgx-epc).
+    :param channel_dir: where unix channels without a ``<source path>`` get their socket;
+        None: the directory of ``qmp_socket`` (the launcher's runtime dir for the guest).
+    :raises ValueError: for another accel, a disk QEMU cannot attach as described, a memory
+        device balloonlab does not launch (nvdimm, virtio-pmem, sgx-epc), or a channel it does
+        not build (:func:`unsupported_channel`).
     """
     if accel not in _ACCELS:
         raise ValueError(f"accel {accel!r} is not resolved; expected 'kvm' or 'tcg'")
@@ -233,7 +310,7 @@ def build_argv(spec: DomainSpec, *, qmp_socket: str, console_log: str, agent_soc
              "-chardev", f"socket,id=qmp,path={_esc(qmp_socket)},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control"]
     argv += _serial_args(console_log, agent_socket) + _kernel_args(spec) + _disk_args(spec, machine)
-    argv += _memory_device_args(spec, machine)
+    argv += _channel_args(spec, channel_dir or os.path.dirname(qmp_socket)) + _memory_device_args(spec, machine)
     balloon = _launch_balloon(spec, machine)
     if balloon is not None:
         argv += ["-device", _json(balloon)]
@@ -244,9 +321,12 @@ def check_launch_inputs(spec: DomainSpec, binary: str) -> None:
     """Refuse a launch whose inputs are missing, before any process exists.
 
     :raises LaunchError: the QEMU binary, kernel, initrd or a disk image is not there, or a
-        memory device balloonlab does not launch (checked here: :func:`build_argv` runs after
-        the runtime dir is claimed).
+        memory device or channel balloonlab does not launch (checked here: :func:`build_argv`
+        runs after the runtime dir is claimed).
     """
+    for index, channel in enumerate(spec.channels):
+        if (why := unsupported_channel(channel, index)) is not None:
+            raise LaunchError(f"guest {spec.name}: {why}")
     for device in spec.memory_devices:
         if device.model not in LAUNCHED_MODELS:
             raise LaunchError(f"memory device model {device.model!r} of guest {spec.name} is not launched by "

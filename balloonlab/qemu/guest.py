@@ -27,18 +27,20 @@ from pathlib import Path
 from balloonlab.domain import DomainSpec, as_spec, parse_domain_xml
 from balloonlab.image.agent import Workload
 from balloonlab.image.kernel import kernel_release
-from balloonlab.model.deadline import Deadline, WaitAborted, wait_until
+from balloonlab.model.deadline import Deadline, wait_until
 from balloonlab.model.errors import BalloonLabError, BalloonNotFound, CommandError, LaunchError, MonitorError
 from balloonlab.model.guest import GuestBase, VmemDevice, rollback
 from balloonlab.model.procfs import HostLayout
 from balloonlab.model.protocols import Origin
 from balloonlab.qemu import registry as runtime
-from balloonlab.qemu.argv import build_argv, check_launch_inputs, qemu_binary_for, resolve_accel
+from balloonlab.qemu.guest_agent import GuestAgent
+from balloonlab.qemu.argv import build_argv, check_launch_inputs, guest_agent_socket, qemu_binary_for, resolve_accel
 from balloonlab.qemu.balloon import Balloon
 from balloonlab.qemu.host_memory import host_layout, vmem_devices
 from balloonlab.qemu.virtio_mem import VirtioMem
 from balloonlab.qemu.monitor import Monitor
 from balloonlab.qemu.reaper import KILL_WAIT_S, Reaper, kill_and_reap
+from balloonlab.qemu.startup import wait_for_console, wait_for_socket
 
 log = logging.getLogger(__name__)
 #: What the built-in guest's init prints on its console once the agent listens.
@@ -71,6 +73,13 @@ class Guest(GuestBase):
         self._process = process
         self._reaper = reaper
         self._closed = False
+        # qemu-guest-agent, when the domain has its channel on a socket QEMU listens on: the
+        # guest's own meminfo and workloads go through it (one client at a time: QEMU's socket
+        # chardev takes a single connection, so this handle keeps one).
+        channel = spec.agent_channel if spec is not None else None
+        socket = self.guest_agent_socket
+        self._qga = GuestAgent(socket) if socket is not None and (channel is None or channel.mode == "bind") else None
+        self._agent_execute = self._qga.execute if self._qga is not None else None
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -96,8 +105,8 @@ class Guest(GuestBase):
         chosen = resolve_accel(accel)
         paths = runtime.claim_runtime_dir(spec.name)
         argv = build_argv(spec, qmp_socket=str(paths.qmp_socket), console_log=str(paths.console_log),
-                          agent_socket=str(paths.agent_socket) if spec.agent else None,
-                          accel=chosen, qemu_binary=shutil.which(binary) or binary)
+                          agent_socket=str(paths.agent_socket) if spec.agent else None, accel=chosen,
+                          qemu_binary=shutil.which(binary) or binary, channel_dir=str(paths.dir))
         async def remove_dir() -> None:
             runtime.remove_runtime_dir(paths.dir)
         async with rollback(remove_dir):
@@ -140,7 +149,7 @@ class Guest(GuestBase):
             reaper = None if detached else Reaper(process.pid, paths.dir)
             record = runtime.RegistryEntry(name=spec.name, pid=process.pid, argv=argv, domain_xml=spec.xml,
                                            owner_pid=os.getpid(), detached=detached, created=time.time(),
-                                           accel=accel)
+                                           accel=accel, guest_agent_socket=guest_agent_socket(spec, paths.dir))
             runtime.write_record(paths, record)
         except BaseException as exc:
             # A QEMU nothing knows of (no reaper, no guest.json) must not outlive the launch:
@@ -158,7 +167,7 @@ class Guest(GuestBase):
 
     async def _post_launch(self, boot_timeout_s: float) -> None:
         assert self.spec is not None and self.paths is not None
-        await self._wait_for_socket(self.paths.qmp_socket, timeout_s=15.0)
+        await wait_for_socket(self.paths.qmp_socket, 15.0, failed=lambda: self._exited("during start-up"))
         await self._connect_monitor(timeout_s=15.0)
         spec = self.spec
         if spec.memballoon is not None:
@@ -171,7 +180,8 @@ class Guest(GuestBase):
         if spec.agent:
             # Bytes sent to the agent's serial port before the guest configured it are lost
             # or echoed back: wait for init's READY line on the console first.
-            await self._wait_for_console(READY_LINE, boot_timeout_s)
+            await wait_for_console(self.paths.console_log, READY_LINE, boot_timeout_s,
+                                   failed=lambda: self._exited("while the guest booted"))
             self._workload = Workload(str(self.paths.agent_socket))
             await self._workload.connect(timeout_s=10.0)
 
@@ -240,6 +250,15 @@ class Guest(GuestBase):
                 "host_kernel": platform.release(), "argv": self.record.argv if self.record else None,
                 "accel": self.record.accel if self.record else None, "qmp_socket": self.monitor.socket_path,
                 "domain_xml": self.spec.xml if self.spec else None, "warnings": list(self.warnings)}
+
+    @property
+    def guest_agent_socket(self) -> Path | None:
+        """The host end of the guest agent's channel (``org.qemu.guest_agent.0``): the unix socket
+        QEMU listens on (connects to, for mode 'connect'). None without that channel, or when
+        attached to a QEMU whose domain XML leaves the path out (its owner chose it)."""
+        path = self.record.guest_agent_socket if self.record is not None else (
+            guest_agent_socket(self.spec, None) if self.spec is not None else None)
+        return Path(path) if path is not None else None
 
     @property
     def detached(self) -> bool:
@@ -322,37 +341,6 @@ class Guest(GuestBase):
                     raise LaunchError(why) from exc
             await asyncio.sleep(0.05)
 
-    async def _wait_for_socket(self, path: Path, timeout_s: float) -> None:
-        try:
-            appeared = await wait_until(path.exists, timeout_s, poll_s=0.02,
-                                        failed=lambda: self._exited("during start-up"))
-        except WaitAborted as exc:
-            raise LaunchError(str(exc)) from None
-        if not appeared:
-            raise LaunchError(f"QEMU did not create its QMP socket within {timeout_s} s")
-
-    async def _wait_for_console(self, marker: bytes, timeout_s: float) -> None:
-        assert self.paths is not None
-        console = self.paths.console_log
-        offset = 0  # bytes of the console already searched: each poll reads only what is new
-
-        def printed() -> bool:
-            nonlocal offset
-            start = max(0, offset - len(marker) + 1)  # the marker may straddle two reads
-            with contextlib.suppress(OSError), open(console, "rb") as log_file:
-                log_file.seek(start)
-                data = log_file.read()
-                offset = start + len(data)
-                return marker in data
-            return False
-        try:
-            ready = await wait_until(printed, timeout_s, poll_s=0.01,
-                                     failed=lambda: self._exited("while the guest booted"))
-        except WaitAborted as exc:
-            raise LaunchError(str(exc)) from None
-        if not ready:
-            raise LaunchError(f"the guest did not print {marker.decode()} within {timeout_s} s")
-
     async def _wait_gone(self, timeout_s: float) -> bool:
         if self._process or self.pid:
             return await wait_until(lambda: not self.alive, timeout_s)
@@ -362,6 +350,8 @@ class Guest(GuestBase):
         self._close_host_view()
         if self._workload is not None:
             await self._workload.close()
+        if self._qga is not None:
+            await self._qga.close()
         await self.monitor.close()
 
     async def _kill(self) -> None:

@@ -104,6 +104,10 @@ class RegistryEntry:
     detached: bool
     created: float
     accel: str
+    #: The host socket of the guest agent's channel (``org.qemu.guest_agent.0``), None without
+    #: one: kept here so a reconnect finds it whatever the stored XML says (and absent from
+    #: the ``guest.json`` of older versions, hence the default).
+    guest_agent_socket: str | None = None
 
     @property
     def runtime_dir(self) -> Path:
