@@ -14,7 +14,7 @@ import pytest
 
 import balloonlab.analysis.accessor  # noqa: F401  (registers df.balloon)
 from balloonlab.analysis import memory_held_vs_available, retouch_cost, step_response, summary
-from balloonlab.model.schema import HOST_COLUMNS, STAT_NAMES, VMEM_COLUMNS
+from balloonlab.model.schema import GUEST_VIEW_COLUMNS, HOST_COLUMNS, STAT_NAMES, VMEM_COLUMNS
 from balloonlab.model.stats import BalloonStats, libvirt_view
 from balloonlab.record.buffer import event_buffer, sample_buffer
 
@@ -73,7 +73,7 @@ def test_frames_come_from_the_sampler_buffer_with_its_dtypes():
     assert list(samples.columns[3:3 + len(STAT_NAMES)]) == list(STAT_NAMES)
     assert list(samples.columns[3 + len(STAT_NAMES):]) == ["actual", "target", "period_s", "rss", "age_s", "reset",
                                                            "clock_offset_s", *HOST_COLUMNS, *VMEM_COLUMNS,
-                                                           "unknown_stat"]
+                                                           *GUEST_VIEW_COLUMNS, "guest_view_lag_s", "unknown_stat"]
     assert samples.index.tolist() == [at(0), at(1.5)] and samples.index.name == "time"
     assert list(samples["guest"].cat.categories) == ["a", "b"] and samples["guest"].tolist() == ["b", "a"]
     assert samples["last_update"].iloc[0] == T0 and pd.isna(samples["last_update"].iloc[1])
@@ -286,6 +286,26 @@ def test_retouch_cost_classifies_allocations_after_deflate():
     assert "free all" not in set(cost["detail"])
     medians = cost.groupby("after_deflate")["mib_per_s"].median()
     assert medians[True] == pytest.approx(48.0) and medians[False] == pytest.approx(80.0)
+
+
+def test_retouch_cost_counts_working_set_passes_and_page_cache_reads_beside_allocations():
+    events = events_frame([
+        (1, "a", "workload", 64 * MiB, 0.5, "alloc 64 MiB"),
+        (2, "a", "workload", 64 * MiB, 0.25, "touch 64 MiB"),  # a re-touch: held does not rise
+        (3, "a", "workload", 64 * MiB, 2.0, "write 256 MiB"),  # writing the disk touches nothing held
+        (4, "a", "target", 256 * MiB),
+        (4.5, "a", "balloon_change", 256 * MiB),
+        (5, "a", "target", 512 * MiB),  # deflate
+        (6, "a", "workload", 64 * MiB, 0.5, "touch 64 MiB"),
+        (7, "a", "workload", 64 * MiB, 1.0, "read 256 MiB"),
+        (8, "a", "workload", 0, 0.1, "free all"),
+    ])
+    cost = retouch_cost(events).set_index("time")
+    assert cost["detail"].tolist() == ["alloc 64 MiB", "touch 64 MiB", "touch 64 MiB", "read 256 MiB"]
+    assert cost["alloc_bytes"].tolist() == [64 * MiB, 64 * MiB, 64 * MiB, 256 * MiB]
+    assert cost["mib_per_s"].tolist() == pytest.approx([128.0, 256.0, 128.0, 256.0])
+    assert cost["after_deflate"].tolist() == [False, False, True, True]
+    assert cost.loc[at(7), "since_deflate_s"] == pytest.approx(2.0)
 
 
 def test_memory_held_vs_available_aligns_on_samples():

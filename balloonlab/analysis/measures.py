@@ -23,6 +23,8 @@ MiB = 1 << 20
 #: The epoch as a UTC timestamp, to turn datetimes into seconds whatever their unit.
 EPOCH = pd.Timestamp(0, tz="UTC")
 _SIZE_IN_DETAIL = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)")
+#: Workload details of steps that touch memory (see :func:`retouch_cost`).
+_TOUCHING = r"alloc|(?:touch|read)\b"
 
 
 def column(frame: pd.DataFrame, name: str, dtype: str = "Int64") -> pd.Series:
@@ -232,18 +234,22 @@ def _target_directions(events: pd.DataFrame, guest: str) -> pd.Series:
 
 
 def retouch_cost(events: pd.DataFrame) -> pd.DataFrame:
-    """Cost of each workload allocation, marked by whether it came after a balloon deflate.
+    """Cost of each workload step that touches memory, marked by whether it came after a
+    balloon deflate.
 
-    Definition: an allocation is a ``workload`` event whose ``detail`` starts with
-    ``"alloc"``; ``alloc_bytes`` is the size its detail names (``"alloc 128 MiB"``; the detail
-    is rounded to 0.1 of its unit), else the rise of the held bytes since the guest's previous
-    workload event. It came ``after_deflate`` when the guest's latest target event before it
-    that moved the target was a deflate: a target above the reference (the last
-    ``balloon_change`` actual, or the previous target, whichever was later), with no inflate
-    target (below its reference) between that deflate and the allocation. Such an allocation
-    re-touches pages the balloon handed back, so
-    ``retouch_cost(ev).groupby("after_deflate")["mib_per_s"].median()`` is the comparison.
-    Resets are not considered.
+    Definition: a touching step is a ``workload`` event whose ``detail`` starts with
+    ``"alloc"`` (fresh pages allocated and touched), ``"touch"`` (a working-set pass writing
+    the same pages again, :meth:`~balloonlab.image.agent.Workload.working_set`) or ``"read"``
+    (the scratch disk read through the page cache, :meth:`~balloonlab.image.agent.Workload.page_cache`).
+    ``alloc_bytes`` is the size its detail names (``"alloc 128 MiB"``, ``"touch 64 MiB"``;
+    the detail is rounded to 0.1 of its unit), else the rise of the held bytes since the
+    guest's previous workload event (NA when it did not rise, as for a re-touch). It came
+    ``after_deflate`` when the guest's latest target event before it that moved the target was
+    a deflate: a target above the reference (the last ``balloon_change`` actual, or the
+    previous target, whichever was later), with no inflate target (below its reference)
+    between that deflate and the step. Such a step re-touches pages the balloon handed back,
+    so ``retouch_cost(ev).groupby("after_deflate")["mib_per_s"].median()`` is the comparison;
+    ``detail.str.split().str[0]`` tells the kinds of step apart. Resets are not considered.
 
     :param events: the events frame.
     :returns: columns ``time``, ``guest``, ``detail``, ``alloc_bytes``, ``held_bytes``,
@@ -258,7 +264,7 @@ def retouch_cost(events: pd.DataFrame) -> pd.DataFrame:
             continue
         held_rise = work["value"].astype("Float64").diff().fillna(work["value"].astype("Float64"))
         detail = work["detail"].astype("string").fillna("")
-        allocs = detail.str.startswith("alloc").to_numpy(dtype=bool)
+        allocs = detail.str.match(_TOUCHING).to_numpy(dtype=bool)
         named = pd.Series([_detail_bytes(d) for d in detail], index=work.index, dtype="Float64")
         alloc_bytes = named.fillna(held_rise.where(held_rise > 0))[allocs]
         directions = _target_directions(events, guest)

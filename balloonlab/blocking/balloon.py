@@ -6,13 +6,15 @@ with the same parameters and defaults; ``tests/test_blocking.py`` fails when one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
 
 from balloonlab.blocking.loop import run
 from balloonlab.model.balloon import TARGET_TOLERANCE, BalloonChange, Method, SettleResult
 from balloonlab.model.classify import StatsClassifier
+from balloonlab.model.errors import AgentError
 from balloonlab.model.protocols import AgentProtocol, BalloonProtocol
+from balloonlab.model.qga_workload import ExecResult
 from balloonlab.model.stats import BalloonStats
 
 
@@ -151,3 +153,38 @@ class SyncWorkload:
     def run_pattern(self, pattern: Iterable[tuple[float, int]]) -> None:
         """Follow a ``(seconds, bytes)`` schedule, blocking until it ends."""
         run(self.aio.run_pattern(pattern))
+
+    def page_cache(self, size: int | str, *, reads: int = 1) -> list[float]:
+        """Write ``size`` bytes to the scratch disk through the guest's page cache, then read
+        them ``reads`` times; returns the durations (s): the write, then each read."""
+        return run(self.aio.page_cache(size, reads=reads))
+
+    def exec(self, argv: Sequence[str], *, timeout_s: float = 120.0) -> ExecResult:
+        """Run a program in the guest and wait for its end (qemu-guest-agent guests only:
+        :meth:`~balloonlab.model.qga_workload.QgaWorkload.exec`).
+
+        :raises AgentError: the guest's workload runs on balloonlab's built-in agent.
+        """
+        result: ExecResult = run(self._qga("exec", "programs run through qemu-guest-agent")(argv, timeout_s=timeout_s))
+        return result
+
+    def _qga(self, method: str, what: str) -> Any:
+        found = getattr(self.aio, method, None)
+        if found is None:
+            raise AgentError(f"{what} (a Debian guest: balloonlab guest build --distro debian); the built-in guest's "
+                             "agent has no such verb")
+        return found
+
+    def stress(self, args: str | Sequence[str], *, seconds: float) -> ExecResult:
+        """Run Debian's stress-ng in the guest for ``seconds`` (qemu-guest-agent guests only:
+        :meth:`~balloonlab.model.qga_workload.QgaWorkload.stress`).
+
+        :raises AgentError: the guest's workload runs on balloonlab's built-in agent (no stress-ng).
+        """
+        result: ExecResult = run(self._qga("stress", "stress-ng runs through qemu-guest-agent")(args, seconds=seconds))
+        return result
+
+    def working_set(self, size: int | str, *, passes: int = 1, pause_s: float = 0.0) -> list[float]:
+        """Re-touch a fixed working set of ``size`` bytes (allocated by the first call)
+        ``passes`` times, ``pause_s`` apart; returns each pass's duration (s)."""
+        return run(self.aio.working_set(size, passes=passes, pause_s=pause_s))

@@ -40,9 +40,10 @@ FORMAT_VERSION = 1
 CMDLINE = "console=ttyS0 quiet panic=1 memhp_default_state=online_movable"
 #: The modules the guest needs; their dependencies are found from .modinfo.
 MODULE_ROOTS = ("virtio_pci", "virtio_balloon")
-#: Loaded when the kernel has them (as a module or built in): virtio-mem, and zram with its
-#: default compressor for guests given swap (``builtin_spec(swap=...)``).
-OPTIONAL_MODULES = ("virtio_mem", "zram", "lzo_rle")
+#: Loaded when the kernel has them (as a module or built in): virtio-mem, zram with its
+#: default compressor for guests given swap (``builtin_spec(swap=...)``), and virtio_blk for
+#: the scratch disk of page-cache workloads (``builtin_spec(scratch_disk=...)``).
+OPTIONAL_MODULES = ("virtio_mem", "zram", "lzo_rle", "virtio_blk")
 #: ``<cache>/guest/DEFAULT_MARKER`` names the image ``balloonlab guest build`` made without a
 #: kernel choice: the one :func:`find_guest_image` gives when no release is asked for.
 DEFAULT_MARKER = "default"

@@ -33,13 +33,14 @@ HOST_MODULES_ROOT = Path("/lib/modules")
 DEBIAN_METAPACKAGE = "linux-image-cloud-amd64"
 #: Modules unpacked beside drivers/virtio (with their dependencies) when the kernel has them:
 #: zram (a swap device in guest RAM, for pressure regimes that need swap) and its default
-#: compressor; virtio_mem lives in drivers/virtio already.
-EXTRA_MODULES = ("zram", "lzo_rle")
+#: compressor, and virtio_blk (the scratch disk of page-cache workloads, in drivers/block);
+#: virtio_mem lives in drivers/virtio already.
+EXTRA_MODULES = ("zram", "lzo_rle", "virtio_blk")
 #: ``<cache>/kernels/DEFAULT_KERNEL_MARKER`` names the package of the release's own kernel, the
 #: one to fall back on when apt cannot answer and several kernels are cached.
 DEFAULT_KERNEL_MARKER = "default"
 #: Bump when what an unpacked kernel holds changes: older unpacks are redone from the .deb.
-UNPACK_FORMAT = 2
+UNPACK_FORMAT = 3  # 3: virtio_blk
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,13 @@ def _unpacked_kernel(dest: Path) -> KernelInfo | None:
     return info if info.kernel.is_file() else None
 
 
-def _debian_kernel(root: Path, log: Log, release: str | None = None) -> KernelInfo:
+def debian_kernel(root: Path, log: Log, release: str | None = None) -> KernelInfo:
+    """Debian's cloud kernel package (of ``release``'s series, else the release's own), fetched
+    with ``apt-get download`` and unpacked under ``<root>/kernels/<pkg>/`` once; its .deb is kept
+    there (:func:`kernel_package_file`), so a distro image can install the whole package.
+
+    :raises GuestImageError: apt cannot name or fetch the package and nothing is cached.
+    """
     kernels = root / "kernels"
     try:
         pkg = _apt_kernel_package(release)
@@ -287,6 +294,21 @@ def _debian_kernel(root: Path, log: Log, release: str | None = None) -> KernelIn
     return info
 
 
+def kernel_package_file(info: KernelInfo) -> Path:
+    """The cached .deb of a kernel :func:`debian_kernel` fetched (``<root>/kernels/<pkg>/``).
+
+    :raises GuestImageError: ``info`` is not a Debian package's, or its .deb was removed.
+    """
+    if not info.source.startswith("debian-package:"):
+        raise GuestImageError(f"{info.kernel} is not from a Debian package ({info.source})")
+    pkg = info.source.removeprefix("debian-package:")
+    pkg_dir = info.kernel.parents[2]  # <pkg>/root/boot/vmlinuz-*
+    debs = sorted(pkg_dir.glob(f"{pkg}_*.deb"))
+    if not debs:
+        raise GuestImageError(f"the .deb of {pkg} is not in {pkg_dir}: remove {pkg_dir} and build again")
+    return debs[0]
+
+
 def acquire_kernel(*, kernel: Path | None = None, modules_dir: Path | None = None,
                    cache_dir: Path | None = None, log: Log | None = None,
                    kernel_release: str | None = None) -> KernelInfo:
@@ -311,6 +333,6 @@ def acquire_kernel(*, kernel: Path | None = None, modules_dir: Path | None = Non
         say(f"kernel: host {host.kernel} with {host.modules_dir}")
         return host
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _debian_kernel(root, say, kernel_release)
+    return debian_kernel(root, say, kernel_release)
 
 

@@ -52,6 +52,7 @@ class LibvirtGuest(GuestBase):
         super().__init__(spec.name)
         self.link = link
         self.spec = spec
+        self._agent_execute = link.agent if spec.agent_channel is not None else None  # qemu-guest-agent, via libvirt
         self.uri = uri
         self.origin: Origin = origin
         self.persistent = persistent

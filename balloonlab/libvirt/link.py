@@ -24,9 +24,12 @@ import libvirt
 from balloonlab.domain import DomainSpec, parse_domain_xml
 from balloonlab.libvirt.api import (CallTimedOut, blocking_call, domain_gone, ensure_event_loop, error_text, map_error,
                                     state_name)
-from balloonlab.model.errors import CommandError, MonitorError
+from balloonlab.model.errors import AgentUnavailable, CommandError, GuestAgentError, MonitorError
 from balloonlab.model.period import LIBVIRT_MAX_PERIOD_S, validate_period
 from balloonlab.qemu.transport import ConnectionCache, QMPEvent
+
+#: How long libvirt waits for the guest agent's answer (seconds; libvirt's own default blocks).
+AGENT_TIMEOUT_S = 10
 
 try:
     import libvirt_qemu
@@ -227,6 +230,28 @@ class DomainLink:
             error = reply["error"]
             raise CommandError(command, error.get("class", "GenericError"), error.get("desc", ""))
         return reply.get("return")
+
+    async def agent(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """One qemu-guest-agent command through libvirt (``virsh qemu-agent-command``): libvirt
+        owns the agent's channel, so this is the only way to it; it works over remote URIs too.
+
+        :raises AgentUnavailable: no agent connected (not started yet, not installed) or it timed out.
+        :raises GuestAgentError: the agent (or libvirt for it) refused the command.
+        """
+        if libvirt_qemu is None:
+            raise AgentUnavailable("libvirt-python's libvirt_qemu module is missing: qemu-guest-agent commands "
+                                   "need it (pip install libvirt-python)")
+        message = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
+        passthrough = libvirt_qemu.qemuAgentCommand
+        try:
+            text = await self._on_domain("qemuAgentCommand",
+                                         lambda dom: passthrough(dom, message, AGENT_TIMEOUT_S, 0))
+        except CommandError as exc:
+            if exc.error_class in ("AGENT_UNRESPONSIVE", "AGENT_UNSYNCED", "AGENT_COMMAND_TIMEOUT") or (
+                    "agent is not connected" in exc.desc):
+                raise AgentUnavailable(f"{self.name}: guest agent: {exc.desc}") from exc
+            raise GuestAgentError(command, exc.error_class, exc.desc) from exc
+        return json.loads(text).get("return")
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout_s: float | None = None) -> Any:

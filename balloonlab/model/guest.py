@@ -21,8 +21,10 @@ from typing import Any, Literal, Self
 
 from balloonlab.model.balloon import BalloonBase
 from balloonlab.model.errors import BalloonLabError, BalloonLabWarning, BalloonNotFound, CommandError, LaunchError
+from balloonlab.model.guest_view import AgentExecute, GuestView, read_guest_view
 from balloonlab.model.procfs import HostLayout, HostMemory, HostMemoryReader, ProcessStat
 from balloonlab.model.protocols import AgentProtocol, GuestProtocol, Origin
+from balloonlab.model.schema import HOST_MEMINFO
 from balloonlab.model.stats import BalloonStats, libvirt_view
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ class GuestBase(abc.ABC):
         #: The polling period found on the live guest at reconnect (never changed there).
         self.period_at_connect: int | None = None
         self._workload: AgentProtocol | None = None
+        #: qemu-guest-agent's command channel, when the domain has one (the backends set it).
+        self._agent_execute: AgentExecute | None = None
         # Guests are built inside their backend's async constructors: this is the loop their
         # connections (QMP client, agent socket, libvirt callbacks) are bound to.
         self.loop: asyncio.AbstractEventLoop | None = _running_loop()
@@ -105,19 +109,45 @@ class GuestBase(abc.ABC):
 
     @property
     def workload(self) -> AgentProtocol:
-        """The in-guest workload agent (built-in guest only).
+        """The in-guest workload: balloonlab's agent in the built-in guest, else qemu-guest-agent
+        (commands run through ``guest-exec``: :class:`~balloonlab.model.qga_workload.QgaWorkload`).
 
-        :raises BalloonLabError: this guest has no agent.
+        :raises BalloonLabError: this guest has neither.
         """
+        if self._workload is None and self._agent_execute is not None:
+            from balloonlab.model.qga_workload import QgaWorkload
+            self._workload = QgaWorkload(self._agent_execute, self.name)
         if self._workload is None:
-            raise BalloonLabError(f"guest {self.name} has no workload agent (only guests built "
-                                  "with balloonlab's guest image have one)")
+            raise BalloonLabError(f"guest {self.name} has no workload agent: balloonlab's built-in guest has one, "
+                                  "and any guest with a qemu-guest-agent <channel> (org.qemu.guest_agent.0) in its "
+                                  "domain XML can run workloads through it")
         return self._workload
 
     @property
     def has_agent(self) -> bool:
-        """True when the guest carries balloonlab's workload agent."""
-        return self._workload is not None
+        """True when workloads can be driven in the guest (balloonlab's agent or qemu-guest-agent)."""
+        return self._workload is not None or self._agent_execute is not None
+
+    @property
+    def has_guest_agent(self) -> bool:
+        """True when the domain has a qemu-guest-agent channel (whether the agent answers or not)."""
+        return self._agent_execute is not None
+
+    async def read_guest_view(self) -> GuestView | None:
+        """The guest's own /proc/meminfo and /proc/vmstat as the frame's ``guest_*`` columns:
+        through qemu-guest-agent when the domain has its channel, else balloonlab's agent's
+        meminfo (five fields); None when the guest has neither.
+
+        :raises AgentError: the agent does not answer (yet) or refused.
+        """
+        if self._agent_execute is not None:
+            return await read_guest_view(self._agent_execute)
+        if self._workload is None:
+            return None
+        read_time, started = time.time(), time.monotonic()
+        fields = await self._workload.meminfo()
+        columns = {f"guest_{HOST_MEMINFO[name]}": value for name, value in fields.items() if name in HOST_MEMINFO}
+        return GuestView(read_time, time.monotonic() - started, columns, "agent")
 
     @property
     @abc.abstractmethod

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 
 from balloonlab.model.balloon import BalloonChange, Method, SettleResult
 from balloonlab.model.classify import StatsClassifier
+from balloonlab.model.guest_view import GuestView
 from balloonlab.model.procfs import HostMemory
 from balloonlab.model.stats import BalloonStats
 
@@ -25,10 +26,12 @@ Origin = Literal["launched", "attached", "reconnected"]
 
 @dataclass(frozen=True)
 class WorkloadChange:
-    """The agent's held memory changed to ``held`` bytes at ``time`` (epoch s, when done).
+    """A workload step ended at ``time`` (epoch s); the agent holds ``held`` bytes afterwards.
 
-    ``duration_s`` is how long the guest took (touching fresh pages is what re-touch
-    experiments measure).
+    ``detail`` says what ran: ``"alloc 64 MiB"``, ``"free all"``, ``"hold 128 MiB"``, a
+    working-set pass ``"touch 64 MiB"`` or a page-cache step ``"write 512 MiB"``/``"read 512
+    MiB"`` (those two leave ``held`` as it was). ``duration_s`` is how long the step took
+    (touching fresh or reclaimed pages is what re-touch experiments measure).
     """
 
     time: float
@@ -84,6 +87,8 @@ class AgentProtocol(Protocol):
     async def free(self, size: int | str | None = None) -> int: ...
     async def hold(self, size: int | str) -> int: ...
     async def run_pattern(self, pattern: Iterable[tuple[float, int]]) -> None: ...
+    async def page_cache(self, size: int | str, *, reads: int = 1) -> list[float]: ...
+    async def working_set(self, size: int | str, *, passes: int = 1, pause_s: float = 0.0) -> list[float]: ...
 
 
 class GuestProtocol(Protocol):
@@ -105,7 +110,10 @@ class GuestProtocol(Protocol):
     @property
     def has_agent(self) -> bool: ...
     @property
+    def has_guest_agent(self) -> bool: ...
+    @property
     def workload(self) -> AgentProtocol: ...
+    async def read_guest_view(self) -> GuestView | None: ...
     def rss_bytes(self) -> int | None: ...
     def host_memory(self) -> HostMemory | None: ...
     def vmem_columns(self) -> dict[str, int]: ...
