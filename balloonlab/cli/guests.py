@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 
 def _cmd_guest_build(args: argparse.Namespace) -> int:
+    if args.distro == "debian":
+        return _build_debian(args)
     from balloonlab.image.build import build_guest_image
     if args.modules_dir is not None and args.kernel is None:
         raise UsageError("--modules-dir goes with --kernel (it holds that kernel's modules); pass --kernel too")
@@ -26,6 +28,19 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
     print(f"kernel:    {image.kernel} ({image.kernel_source}, {image.kernel_version})")
     print(f"initramfs: {image.initrd}")
     print(f"modules:   {', '.join(image.modules)}")
+    return 0
+
+
+def _build_debian(args: argparse.Namespace) -> int:
+    from balloonlab.image.debian import build_debian_image
+    if args.kernel is not None or args.modules_dir is not None:
+        raise UsageError("--kernel and --modules-dir are for the built-in guest; the Debian image installs "
+                         "Debian's kernel package (pick its series with --kernel-release)")
+    image = build_debian_image(kernel_release=args.kernel_release, release=args.release, rebuild=args.rebuild,
+                               log=lambda line: print(line, flush=True))
+    print(f"kernel: {image.kernel} ({image.kernel_version})")
+    print(f"base:   {image.base} (read-only; guests boot overlays on it)")
+    print(f"domain: {image.domain_xml}")
     return 0
 
 
@@ -68,9 +83,14 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 def register(command: AddCommand) -> None:
     """Add ``guest build``, ``list`` and ``stop`` to the parser."""
-    guest = command("guest", "the built-in test guest").add_subparsers(
+    guest = command("guest", "the built-in test guest and the Debian guest image").add_subparsers(
         dest="guest_command", metavar="{build}", required=True)
-    build = command("build", "build (or find cached) the built-in guest image", _cmd_guest_build, guest)
+    build = command("build", "build (or find cached) a guest image: the built-in one, or Debian's with "
+                    "--distro debian (prints `domain: PATH`, a domain XML that boots it)", _cmd_guest_build, guest)
+    build.add_argument("--distro", choices=("builtin", "debian"), default="builtin",
+                       help="builtin: the busybox test guest (seconds to boot); debian: a qcow2 with systemd, "
+                            "qemu-guest-agent, swap and stress-ng, made by debootstrap (needs root, minutes once)")
+    build.add_argument("--release", help="Debian codename for --distro debian (default: the host's)")
     build.add_argument("--kernel", type=Path, help="a kernel image to use instead of the host's or Debian's")
     build.add_argument("--modules-dir", type=Path, help="lib/modules/<version> of that kernel (with --kernel)")
     build.add_argument("--kernel-release", help="Debian's cloud kernel of this series or release, e.g. 6.12 or 6.1 "
