@@ -14,11 +14,13 @@ from balloonlab import analysis as analysis  # registers the df.balloon accessor
 from balloonlab._version import __version__ as __version__
 from balloonlab.blocking import SyncBalloon, SyncGuest, SyncSampler, SyncWorkload, run_experiment
 from balloonlab.domain import DomainSpec, MemballoonSpec, load_domain_xml, parse_domain_xml, render_domain_xml
-from balloonlab.experiments import Experiment, Overcommit, Schedule, replay
+from balloonlab.experiments import Experiment, Overcommit, Schedule, StressSchedule, replay
 from balloonlab.image import Workload, builtin_spec
 from balloonlab.model import BalloonBase, BalloonChange, BalloonStats, SettleResult, StatsClassifier, validate_period
 from balloonlab.model.errors import (
     AgentError,
+    AgentUnavailable,
+    GuestAgentError,
     BalloonLabError,
     BalloonLabWarning,
     BalloonNotFound,
@@ -44,11 +46,12 @@ from balloonlab.record.datasets import open_runs
 sys.modules.setdefault(f"{__name__}.store", store)
 
 __all__ = [
-    "AgentError", "Balloon", "BalloonBase", "BalloonChange", "BalloonLabError", "BalloonLabWarning", "Decision",
+    "AgentError", "AgentUnavailable", "Balloon", "BalloonBase", "BalloonChange", "BalloonLabError", "BalloonLabWarning",
+    "Decision", "GuestAgentError",
     "GuestLimits", "Overcommit", "PolicyView", "replay",
     "BalloonNotFound", "BalloonStats", "CommandError", "DomainSpec", "DomainXMLError", "Experiment", "Guest",
     "GuestImageError", "GuestNameInUse", "LaunchError", "LibvirtGuest", "MemballoonSpec", "Monitor",
-    "MonitorError", "QMPEvent", "Run", "Sampler", "SamplingState", "Schedule", "SettleResult",
+    "MonitorError", "QMPEvent", "Run", "Sampler", "SamplingState", "Schedule", "SettleResult", "StressSchedule",
     "StatsClassifier", "StatsUnavailable", "SyncBalloon", "SyncGuest", "SyncLibvirtGuest", "SyncSampler",
     "SyncWorkload", "Workload", "builtin_spec", "dashboard", "format_dommemstat", "format_size",
     "attach_many", "libvirt_view", "list_guests", "load_domain_xml", "load_run", "new_run_dir", "parse_domain_xml",

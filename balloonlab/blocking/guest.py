@@ -15,6 +15,7 @@ from balloonlab.blocking.balloon import SyncBalloon, SyncWorkload
 from balloonlab.blocking.loop import run
 from balloonlab.domain import DomainSpec
 from balloonlab.model.guest import GuestBase
+from balloonlab.model.guest_view import GuestView
 from balloonlab.model.procfs import HostMemory
 from balloonlab.model.stats import BalloonStats
 from balloonlab.qemu.guest import Guest
@@ -66,13 +67,22 @@ class SyncGuestBase(Generic[G]):
 
     @property
     def has_agent(self) -> bool:
-        """True when the guest carries balloonlab's workload agent."""
+        """True when workloads can be driven in the guest (balloonlab's agent or qemu-guest-agent)."""
         return self.aio.has_agent
 
     @property
+    def has_guest_agent(self) -> bool:
+        """True when the domain has a qemu-guest-agent channel."""
+        return self.aio.has_guest_agent
+
+    @property
     def workload(self) -> SyncWorkload:
-        """The in-guest workload agent (built-in guest only)."""
+        """The in-guest workload (balloonlab's agent, or qemu-guest-agent's ``guest-exec``)."""
         return SyncWorkload(self.aio.workload)
+
+    def read_guest_view(self) -> GuestView | None:
+        """The guest's own /proc/meminfo and /proc/vmstat as ``guest_*`` columns (None: no agent)."""
+        return run(self.aio.read_guest_view())
 
     def rss_bytes(self) -> int | None:
         """Host RSS of QEMU, bytes."""

@@ -21,7 +21,8 @@ from balloonlab.model.clock import ClockEstimate
 from balloonlab.model.policy import Policy
 from balloonlab.record.metrics import MetricsEndpoint, serve_metrics
 from balloonlab.record.policy_loop import PolicyLoop
-from balloonlab.record.sampler import Sampler, SamplingState
+from balloonlab.record.guest_side import SamplingState
+from balloonlab.record.sampler import Sampler
 from balloonlab.record.store import Run
 
 
@@ -35,12 +36,14 @@ class SyncSampler:
     def __init__(self, *, run_dir: str | Path | None = None, flush_interval_s: float = 5.0,
                  max_rows_in_memory: int = 1_000_000, track_actual: str = "events",
                  period_check_every: int = 100, metadata: dict[str, Any] | None = None,
-                 host_interval_s: float | None = 1.0, host_budget: int | None = None) -> None:
+                 host_interval_s: float | None = 1.0, host_budget: int | None = None,
+                 guest_view: bool = False, stats_unset_warning_s: float | None = 60.0) -> None:
         async def make() -> Sampler:  # built on the loop it samples on
             return Sampler(run_dir=run_dir, flush_interval_s=flush_interval_s,
                            max_rows_in_memory=max_rows_in_memory, track_actual=track_actual,
                            period_check_every=period_check_every, metadata=metadata,
-                           host_interval_s=host_interval_s, host_budget=host_budget)
+                           host_interval_s=host_interval_s, host_budget=host_budget,
+                           guest_view=guest_view, stats_unset_warning_s=stats_unset_warning_s)
         self.aio = run(make())
 
     @property

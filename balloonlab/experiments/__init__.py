@@ -15,7 +15,8 @@ from balloonlab.experiments.pressure_drive import DEFAULT_PHASES, Phase, Pressur
 from balloonlab.experiments.overcommit import Overcommit
 from balloonlab.experiments.replay import ReplayResult, compare_decisions, replay
 from balloonlab.experiments.runner import Experiment
-from balloonlab.experiments.schedule import Schedule
+from balloonlab.experiments.schedule import Schedule, StressSchedule
 
 __all__ = ["DEFAULT_PHASES", "Burst", "Experiment", "Overcommit", "PeriodStudy", "PeriodStudyResult", "Phase",
-           "PressureRun", "ReplayResult", "Schedule", "compare_decisions", "drive_pressure", "plan_bursts", "replay"]
+           "PressureRun", "ReplayResult", "Schedule", "StressSchedule", "compare_decisions", "drive_pressure",
+           "plan_bursts", "replay"]

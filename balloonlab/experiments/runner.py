@@ -20,7 +20,7 @@ from typing import Any
 
 from balloonlab._version import __version__ as _version
 from balloonlab.domain import DomainSpec
-from balloonlab.experiments.schedule import Schedule, require_positive_s
+from balloonlab.experiments.schedule import Schedule, StressSchedule, require_positive_s
 from balloonlab.model.guest import async_guest
 from balloonlab.model.protocols import GuestProtocol
 from balloonlab.model.units import format_size
@@ -38,7 +38,9 @@ class Experiment:
         :func:`~balloonlab.run_experiment`).
     :param duration_s: how long to sample (at least as long as the schedules).
     :param balloon: a target schedule applied to every guest.
-    :param workload: a workload schedule (guests with balloonlab's agent only).
+    :param workload: a workload schedule (guests with a workload agent: balloonlab's, or
+        qemu-guest-agent).
+    :param stress: stress-ng runs in the guests (qemu-guest-agent guests with stress-ng).
     :param run_root: where the run folder is made (``runs/`` by default).
     """
 
@@ -46,6 +48,7 @@ class Experiment:
     duration_s: float
     balloon: Schedule | None = None
     workload: Schedule | None = None
+    stress: StressSchedule | None = None
     run_root: str | Path = "runs"
     name: str = "experiment"
     flush_interval_s: float = 5.0
@@ -66,6 +69,8 @@ class Experiment:
             if schedule is not None and schedule.duration_s > self.duration_s:
                 raise ValueError(f"the {kind} schedule lasts {schedule.duration_s} s, longer than "
                                  f"duration_s={self.duration_s}")
+        if self.stress is not None and self.stress.duration_s > self.duration_s:
+            raise ValueError(f"the stress runs end at {self.stress.duration_s} s, after duration_s={self.duration_s}")
         for g in self.guests:
             spec = g if isinstance(g, DomainSpec) else getattr(g, "spec", None)
             name = spec.name if spec else getattr(g, "name", "?")
@@ -78,10 +83,15 @@ class Experiment:
                     raise ValueError(f"balloon target {format_size(too_big[0])} is above guest {name}'s "
                                      f"memory {format_size(spec.memory_bytes)}")
             if self.workload is not None:
-                has_agent = spec.agent if spec is not None else getattr(g, "has_agent", False)
+                has_agent = (spec.agent or spec.agent_channel is not None) if spec is not None else getattr(
+                    g, "has_agent", False)
                 if not has_agent:
-                    raise ValueError(f"guest {name} has no workload agent: a workload schedule needs "
-                                     "balloonlab's built-in guest")
+                    raise ValueError(f"guest {name} has no workload agent: a workload schedule needs balloonlab's "
+                                     "built-in guest or a qemu-guest-agent <channel> in the domain")
+            qga = spec.agent_channel is not None if spec is not None else getattr(g, "has_guest_agent", False)
+            if self.stress is not None and not qga:
+                raise ValueError(f"guest {name} has no qemu-guest-agent channel: stress-ng runs need one (and "
+                                 "stress-ng in the guest: balloonlab guest build --distro debian)")
 
     async def run(self, progress: Callable[[float, str], None] | None = None) -> Run:
         """Launch, sample, play the schedules, stop; returns the loaded Run.
@@ -94,7 +104,8 @@ class Experiment:
         run_dir = new_run_dir(self.run_root, self.name)
         meta = {"balloonlab_version": _version, "experiment": self.name, "duration_s": self.duration_s,
                 "schedule": {"balloon": self.balloon.as_list() if self.balloon else None,
-                             "workload": self.workload.as_list() if self.workload else None},
+                             "workload": self.workload.as_list() if self.workload else None,
+                             "stress": self.stress.as_list() if self.stress else None},
                 **self.extra}
         sampler = Sampler(run_dir=run_dir, flush_interval_s=self.flush_interval_s, metadata=meta)
         launched: list[GuestProtocol] = []
@@ -130,6 +141,8 @@ class Experiment:
             tasks.append(asyncio.ensure_future(follow(self.balloon, lambda g, v: g.balloon.set_target(v))))
         if self.workload is not None:
             tasks.append(asyncio.ensure_future(follow(self.workload, lambda g, v: g.workload.hold(v))))
+        for at_s, args, seconds in self.stress.runs if self.stress is not None else ():
+            tasks.append(asyncio.ensure_future(self._stress(guests, start + at_s, args, seconds)))
         try:
             while (elapsed := time.monotonic() - start) < self.duration_s:
                 for task in tasks:
@@ -145,6 +158,13 @@ class Experiment:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+    @staticmethod
+    async def _stress(guests: list[GuestProtocol], at: float, args: tuple[str, ...], seconds: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        await asyncio.gather(*(g.workload.stress(args, seconds=seconds)  # type: ignore[attr-defined]
+                               for g in guests))
 
 
 async def launch_recorded(spec: DomainSpec, sampler: Sampler, launched: list[GuestProtocol]) -> Guest:

@@ -8,6 +8,7 @@ a unit typo or a non-increasing time is refused with a message that says which.
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -89,6 +90,43 @@ class Schedule:
             points.extend(ramp_part.points)
         points.append((start_s + cycles * period_s, _size(low)))
         return cls(tuple(points), kind)
+
+
+@dataclass(frozen=True)
+class StressSchedule:
+    """Runs of Debian's ``stress-ng`` in the guests: ``(at_s, arguments, seconds)`` each, started
+    at ``at_s`` and lasting ``seconds`` (runs may overlap). They need qemu-guest-agent (a Debian
+    guest; the built-in guest has no stress-ng): ``StressSchedule.of((5, "--vm 1 --vm-bytes
+    300M --vm-keep", 20), (30, "--page-in --vm 1 --vm-bytes 200M", 15))``.
+    """
+
+    runs: tuple[tuple[float, tuple[str, ...], float], ...]
+
+    def __post_init__(self) -> None:
+        last = -math.inf
+        for at_s, args, seconds in self.runs:
+            if not isinstance(at_s, (int, float)) or isinstance(at_s, bool) or at_s < max(0.0, last):
+                raise ValueError(f"stress runs must start at numbers >= 0 in increasing order, got {at_s!r}")
+            last = at_s
+            require_positive_s(seconds, "a stress run's seconds")
+            if not args or any(a.startswith(("--timeout", "-t")) for a in args):
+                raise ValueError(f"stress run at {at_s} s: give stress-ng's stressor arguments without --timeout "
+                                 f"(its seconds are the third item), got {args!r}")
+
+    @classmethod
+    def of(cls, *runs: tuple[float, str | Sequence[str], float]) -> StressSchedule:
+        """From ``(at_s, "--vm 1 --vm-bytes 300M", seconds)`` items (arguments as one string or a list)."""
+        return cls(tuple((at_s, tuple(shlex.split(a) if isinstance(a, str) else a), seconds)
+                         for at_s, a, seconds in runs))
+
+    @property
+    def duration_s(self) -> float:
+        """When the last run ends."""
+        return max((at_s + seconds for at_s, _, seconds in self.runs), default=0.0)
+
+    def as_list(self) -> list[list[object]]:
+        """JSON-friendly runs, for run.json."""
+        return [[at_s, list(args), seconds] for at_s, args, seconds in self.runs]
 
 
 def _size(value: int | str) -> int:

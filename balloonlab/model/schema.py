@@ -127,6 +127,25 @@ HOST_COLUMNS: tuple[str, ...] = (*HOST_ROLLUP, *HOST_SPLIT)
 VMEM_COLUMNS: tuple[str, ...] = ("vmem_size", "vmem_requested", "vmem_max_size")
 # -- end of the host's view ------------------------------------------------------------------
 
+# -- The guest's own view (issue 16 item 2; model.guest_view) -----------------------------------
+#: /proc/meminfo fields read into columns (bytes), of the host frame and, prefixed ``guest_``, of
+#: the guest's own view; /proc/vmstat counters likewise.
+HOST_MEMINFO: dict[str, str] = {
+    "MemTotal": "mem_total", "MemFree": "mem_free", "MemAvailable": "mem_available", "Buffers": "buffers",
+    "Cached": "cached", "SwapCached": "swap_cached", "SwapTotal": "swap_total", "SwapFree": "swap_free",
+    "AnonPages": "anon_pages", "Shmem": "shmem", "Committed_AS": "committed_as",
+}
+HOST_VMSTAT: tuple[str, ...] = ("pswpin", "pswpout", "pgfault", "pgmajfault", "oom_kill")
+#: Sample columns of the guest's own view, read through qemu-guest-agent (or balloonlab's agent)
+#: after each new report when the sampler is asked to (``Sampler(guest_view=True)``): the
+#: meminfo fields above (``guest_mem_free``, ``guest_cached``...) and vmstat counters
+#: (``guest_pswpout``...) of the guest, NA when not read. ``guest_view_lag_s`` is how long after
+#: the row's time (when the report most likely came, on this clock) the guest's meminfo was read:
+#: the two agree only as far as the guest's memory stood still in between.
+GUEST_VIEW_COLUMNS: tuple[str, ...] = (*(f"guest_{c}" for c in HOST_MEMINFO.values()),
+                                       *(f"guest_{c}" for c in HOST_VMSTAT))
+# -- end of the guest's own view ---------------------------------------------------------------
+
 #: Columns every samples frame has before the stats, and after them (frame order).
 SampleKind = Literal["int", "float", "bool", "category", "str", "epoch_s"]
 #: ``host`` is the machine the guest's QEMU runs on (``GuestBase.host``: this machine's name, or
@@ -139,6 +158,7 @@ SAMPLE_TAIL: dict[str, SampleKind] = {
     "clock_offset_s": "float",
     **dict.fromkeys(HOST_COLUMNS, "int"),  # the host's view (HOST_COLUMNS above)
     **dict.fromkeys(VMEM_COLUMNS, "int"),  # virtio-mem (VMEM_COLUMNS above)
+    **dict.fromkeys(GUEST_VIEW_COLUMNS, "int"), "guest_view_lag_s": "float",  # the guest's own view
 }
 # -- The host as an entity (issue 14 item 1; model.hostfs.HostReader) ---------------------------
 #: The host frame: one row per host read (every ``host_interval_s``, on the samples' clock),
@@ -156,12 +176,6 @@ SAMPLE_TAIL: dict[str, SampleKind] = {
 #:   per guest ``rss.<guest>`` and ``guest_ram.<guest>`` (present from the guest's first host row);
 #: - a budget (policies): ``budget`` bytes and ``budget_available`` = budget - guests_ram, NA
 #:   without one (model.hostfs says why guest RAM and not RSS).
-HOST_MEMINFO: dict[str, str] = {
-    "MemTotal": "mem_total", "MemFree": "mem_free", "MemAvailable": "mem_available", "Buffers": "buffers",
-    "Cached": "cached", "SwapCached": "swap_cached", "SwapTotal": "swap_total", "SwapFree": "swap_free",
-    "AnonPages": "anon_pages", "Shmem": "shmem", "Committed_AS": "committed_as",
-}
-HOST_VMSTAT: tuple[str, ...] = ("pswpin", "pswpout", "pgfault", "pgmajfault", "oom_kill")
 HOST_KSM: tuple[str, ...] = ("run", "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
                              "full_scans", "general_profit")
 HOST_FRAME: dict[str, SampleKind] = {
@@ -181,7 +195,7 @@ EVENT_COLUMNS: dict[str, SampleKind] = {
 }
 #: The kinds of event a run records.
 EVENT_KINDS: tuple[str, ...] = ("balloon_change", "target", "period", "workload", "reset", "launch",
-                                "shutdown", "error", "policy", "policy_tick", "policy_error", "clock")
+                                "shutdown", "error", "policy", "policy_tick", "policy_error", "clock", "warning")
 
 
 def stat_name(qemu_key: str) -> str:

@@ -6,7 +6,8 @@ samples and events; ``buffer`` keeps rows column by column and builds frames on 
 the schema's dtypes; ``store`` streams them to a run folder and loads it back.
 """
 
-from balloonlab.record.sampler import Sampler, SamplingState
+from balloonlab.record.guest_side import SamplingState
+from balloonlab.record.sampler import Sampler
 from balloonlab.record.store import Run, load_run, new_run_dir
 
 __all__ = ["Run", "Sampler", "SamplingState", "load_run", "new_run_dir"]

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from balloonlab.model.clock import ClockEstimate, HostClock, corrected_age
+from balloonlab.model.guest_view import GuestView
 from balloonlab.model.protocols import GuestProtocol
 from balloonlab.model.stats import BalloonStats
 from balloonlab.record.buffer import RowBuffer
@@ -91,7 +92,8 @@ class SampleRows:
             meta["clock"] = estimate.as_dict() if estimate is not None else None
         self.add_metadata(hosts=copy.deepcopy(self._hosts_meta))
 
-    def _append(self, guest: GuestProtocol, record: BalloonStats, period: int, at: float) -> None:
+    def _append(self, guest: GuestProtocol, record: BalloonStats, period: int, at: float,
+                view: GuestView | None = None) -> None:
         """One row at host time ``at`` (the report's estimated time, a little before
         ``record.read_time``, or the read's own while ``actual`` was asked with it; ``age_s``
         stays the age at the read, on this host's clock)."""
@@ -112,4 +114,7 @@ class SampleRows:
             row.update(host.columns())
         row.update(guest.vmem_columns())
         # -- end of the host's view
+        if view is not None:  # the guest's own (record.guest_side), read just after the report
+            row.update(view.columns)
+            row["guest_view_lag_s"] = view.read_time - at
         self._samples.append(int(at * 1e9), row)

@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from balloonlab.model.clock import HostClock
 from balloonlab.model.guest import LOCAL_HOST, async_guest
 from balloonlab.model.protocols import BalloonProtocol, GuestProtocol, WorkloadChange
 from balloonlab.record.buffer import BufferSnapshot, event_buffer, sample_buffer
+from balloonlab.record.guest_side import GuestSide, SamplingState
 from balloonlab.record.host_side import HostSide
 from balloonlab.record.host_task import HostTask
 from balloonlab.record.metrics import MetricsSide
@@ -45,28 +44,7 @@ log = logging.getLogger(__name__)
 MOVE_SETTLE_S = 2.0
 
 
-@dataclass
-class SamplingState:
-    """How sampling one guest is going.
-
-    ``state``: starting, sampling, dead (the guest or its connection went away), failed (an
-    unexpected error in balloonlab or a backend; ``error`` says which), removed.
-    """
-
-    name: str
-    state: str = "starting"  # starting, sampling, dead, removed
-    #: The machine the guest's QEMU runs on (GuestBase.host).
-    host: str = LOCAL_HOST
-    samples: int = 0
-    polls: int = 0
-    error: str | None = None
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
-    unsubscribe: Callable[[], object] | None = field(default=None, repr=False)
-    #: When balloonlab last set this guest's target (epoch s): a move may follow.
-    target_set_at: float = 0.0
-
-
-class Sampler(HostSide, SampleRows, MetricsSide):
+class Sampler(HostSide, SampleRows, GuestSide, MetricsSide):
     """Record one or many guests into frames (async core; :class:`SyncSampler` blocks).
 
     :param run_dir: stream samples/events to this run folder (see :mod:`balloonlab.record.store`).
@@ -88,12 +66,17 @@ class Sampler(HostSide, SampleRows, MetricsSide):
     :param host_interval_s: read the host (meminfo, vmstat, PSI, KSM, each QEMU's memory) into the
         host frame this often (:meth:`host_frame`, the run's ``host`` table); None: no host frame.
     :param host_budget: a host memory budget in bytes for policies; None: the real host.
+    :param guest_view: read each guest's own /proc/meminfo and /proc/vmstat after each new
+        report (qemu-guest-agent, or balloonlab's agent) into its ``guest_*`` columns.
+    :param stats_unset_warning_s: warn when a guest's balloon has not reported this long after
+        sampling began (None: never); see :mod:`balloonlab.record.guest_side`.
     """
 
     def __init__(self, *, run_dir: str | Path | None = None, flush_interval_s: float = 5.0,
                  max_rows_in_memory: int = 1_000_000, track_actual: str = "events",
                  period_check_every: int = 100, metadata: dict[str, Any] | None = None,
-                 host_interval_s: float | None = 1.0, host_budget: int | None = None) -> None:
+                 host_interval_s: float | None = 1.0, host_budget: int | None = None,
+                 guest_view: bool = False, stats_unset_warning_s: float | None = 60.0) -> None:
         if track_actual not in ("events", "poll"):
             raise ValueError(f"track_actual must be 'events' or 'poll', got {track_actual!r}")
         if type(period_check_every) is not int or period_check_every < 1:
@@ -117,6 +100,8 @@ class Sampler(HostSide, SampleRows, MetricsSide):
         self._policies: list[PolicyLoop] = []
         self._clocks: dict[str, HostClock] = {}  # per host (record.sample_rows)
         self._hosts_meta: dict[str, dict[str, Any]] = {}
+        self.guest_view = guest_view
+        self.stats_unset_warning_s = stats_unset_warning_s
 
     @property
     def max_rows_in_memory(self) -> int:
@@ -220,6 +205,8 @@ class Sampler(HostSide, SampleRows, MetricsSide):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for state in states:
+            if state.inside.probe is not None:
+                state.inside.probe.cancel()
             if state.state not in ("dead", "failed"):  # how it ended stays visible
                 state.state = "removed"
             if state.unsubscribe is not None:
@@ -315,6 +302,7 @@ class Sampler(HostSide, SampleRows, MetricsSide):
 
     # -- per-guest work -------------------------------------------------------------------
     def _start_task(self, guest: GuestProtocol, state: SamplingState) -> None:
+        state.inside.started = time.monotonic()  # the unset-stats clock runs from here
         state.task = asyncio.get_running_loop().create_task(self._sample(guest, state),
                                                             name=f"balloonlab-sample-{guest.name}")
 
@@ -355,8 +343,11 @@ class Sampler(HostSide, SampleRows, MetricsSide):
                     # is then true at the row's time (a 300 MiB deflate takes 0.1 s, a late read
                     # comes up to a quarter period after the report), the stats as old as age_s.
                     report_time = sent if actual_asked or clock.report_time is None else clock.report_time
-                    self._append(guest, record, period, at=record.read_time - (sent - report_time))
+                    view = await self._read_view(guest, state)
+                    self._append(guest, record, period, at=record.read_time - (sent - report_time), view=view)
                     state.samples += 1
+                else:
+                    await self._check_unset(guest, state, record, period)
                 await asyncio.sleep(max(0.0, delay - (time.monotonic() - sent)))
         except asyncio.CancelledError:
             raise
