@@ -296,12 +296,23 @@ def pytest_itemcollected(item):
                                 "that it runs on the same xdist worker as the other libvirt tests")
 
 
+#: Modules whose tests share one expensive module-scoped scenario (guests booted and driven once,
+#: or every CLI case run at once): each module stays on one worker, or every worker that got one
+#: of its tests would run the whole scenario again (a minute of TCG for the Debian guest's).
+SHARED_SCENARIO_MODULES = ("test_cli.py", "test_debian_guest.py", "test_period_study.py", "test_pressure_guests.py",
+                           "test_replay.py")
+
+
 def pytest_xdist_make_scheduler(config, log):
-    """Spread the tests one by one, but the libvirt ones as one unit, on one worker."""
+    """Spread the tests one by one, but the libvirt ones as one unit on one worker, and each
+    module of :data:`SHARED_SCENARIO_MODULES` as one unit."""
     from xdist.scheduler import LoadScopeScheduling
 
     class LibvirtTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return LIBVIRT_SCOPE if LIBVIRT_SCOPE in nodeid else nodeid
+            if LIBVIRT_SCOPE in nodeid:
+                return LIBVIRT_SCOPE
+            module = nodeid.split("::", 1)[0]
+            return module if module.rsplit("/", 1)[-1] in SHARED_SCENARIO_MODULES else nodeid
 
     return LibvirtTogether(config, log)

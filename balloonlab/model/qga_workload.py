@@ -116,11 +116,18 @@ class QgaWorkload(ChunkedWorkload):
             await asyncio.sleep(poll_s)
             poll_s = min(0.05, poll_s * 1.5)  # quick steps stay quick; long ones cost few calls
 
-    async def _sh(self, script: str, *args: object, what: str, timeout_s: float = 120.0) -> str:
+    async def _sh(self, script: str, *args: object, what: str, timeout_s: float = 120.0,
+                  meaning: dict[int, str] | None = None) -> str:
+        """Run ``script`` with ``args`` as $1...; its stdout.
+
+        :param meaning: what an exit code means, for the error message (else the script's stderr).
+        :raises AgentError: it exited with anything but 0.
+        """
         result = await self.exec(["/bin/sh", "-c", script, "sh", *map(str, args)], timeout_s=timeout_s)
         if result.exit_code != 0:
+            why = (meaning or {}).get(result.exit_code or 0) or result.stderr.strip() or result.stdout.strip()
             raise AgentError(f"{self.guest}: {what} failed in the guest (exit {result.exit_code}): "
-                             f"{result.stderr.strip() or result.stdout.strip() or 'no output'}")
+                             f"{why or 'no output'}")
         return result.stdout
 
     async def _call(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -131,13 +138,8 @@ class QgaWorkload(ChunkedWorkload):
         return f"q{self._token}{chunk_id}"
 
     async def _alloc_chunk(self, chunk_id: str, nbytes: int) -> None:
-        try:
-            await self._sh(_ALLOC, self._name(chunk_id), nbytes, _HOLDER, what=f"holding {format_size(nbytes)}")
-        except AgentError as exc:
-            if "exit 3" in str(exc):
-                raise AgentError(f"{self.guest}: the guest could not hold {format_size(nbytes)} more (out of "
-                                 "memory: its OOM killer took the process)") from exc
-            raise
+        await self._sh(_ALLOC, self._name(chunk_id), nbytes, _HOLDER, what=f"holding {format_size(nbytes)}",
+                       meaning={3: "the holder died before it held it all: out of memory (its OOM killer took it)"})
 
     async def _free_chunk(self, chunk_id: str) -> None:
         await self._sh(_FREE, self._name(chunk_id), what="freeing a chunk")
@@ -152,7 +154,8 @@ class QgaWorkload(ChunkedWorkload):
         return {line.removeprefix(prefix) for line in lines if line.startswith(prefix)}
 
     async def _touch(self, chunk_ids: Sequence[str], timeout_s: float) -> None:
-        await self._sh(_TOUCH, *map(self._name, chunk_ids), what="a working-set pass", timeout_s=timeout_s)
+        await self._sh(_TOUCH, *map(self._name, chunk_ids), what="a working-set pass", timeout_s=timeout_s,
+                       meaning={3: "a chunk's holder is gone (its OOM killer took it)"})
 
     async def _disk(self, op: str, nbytes: int, timeout_s: float) -> None:
         await self._sh(_DISK[op], nbytes, what=f"{op} {format_size(nbytes)} of {PAGE_CACHE_FILE}", timeout_s=timeout_s)
