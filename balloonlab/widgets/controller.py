@@ -258,7 +258,8 @@ class GuestController(GuestPanelState):
             self._refuse(channel, f"{self.name} is not running any more (QEMU exited)")
             return None
         if agent and not guest.has_agent:
-            self._refuse(channel, f"{self.name} has no workload agent (only the built-in guest has one)")
+            self._refuse(channel, f"{self.name} has no workload agent (the built-in guest has one; so does a domain "
+                                  "with a qemu-guest-agent <channel>)")
             return None
         return guest
 
