@@ -9,7 +9,7 @@ init and agent scripts that go into it, ``agent`` is the host side of the agent'
 (allocate, free, patterns, working sets, page cache) and ``truth`` its in-guest recorder.
 
 The Debian guest is a qcow2 made from Debian's packages (``debian``: debootstrap, the recipe in
-``debian_recipe``, the host's apt mirror from ``apt_sources``), with systemd, qemu-guest-agent,
+``debian_recipe``, the host's apt mirror from ``debs.apt_mirror``), with systemd, qemu-guest-agent,
 swap and stress-ng; ``debian_domain`` writes domain XML booting it like any user's image.
 """
 

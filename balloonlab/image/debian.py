@@ -8,8 +8,9 @@ qemu-guest-agent (so the guest's own ``/proc/meminfo`` can be read from the host
 How it is made, and why this way:
 
 * ``debootstrap --variant=minbase`` of the host's own release (os-release VERSION_CODENAME)
-  from the mirror the host's apt uses (read from its sources, never hard-coded: on these
-  machines the archive is reachable only through that mirror), into a temporary folder. It
+  from the mirror the host's apt uses (as ``apt-get indextargets`` reports it, never
+  hard-coded: on these machines the archive is reachable only through that mirror), into a
+  temporary folder. It
   runs in a private mount namespace (``unshare --mount``) so the /proc and /sys it mounts in
   the target can never outlive a killed build.
 * The kernel is Debian's cloud kernel package the project already fetches for the built-in
@@ -46,11 +47,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from balloonlab.image.apt_sources import apt_mirror, host_codename
+from balloonlab.image.debs import apt_mirror
 from balloonlab.image.debian_domain import debian_domain_spec, new_overlay
 from balloonlab.image.debian_recipe import (CMDLINE, DEFAULT_DISK_SIZE, DEFAULT_PACKAGES, DEFAULT_SWAP_SIZE,
                                             MASKED_UNITS, RECIPE_VERSION, chroot_script, config_files)
 from balloonlab.image.kernel import debian_kernel, default_cache_dir, kernel_package_file
+from balloonlab.image.stacks import host_codename
 from balloonlab.model.errors import GuestImageError
 from balloonlab.model.units import parse_size
 
@@ -167,6 +169,9 @@ def build_debian_image(*, release: str | None = None, packages: Sequence[str] = 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     started = time.monotonic()
     codename = release or host_codename()
+    if codename is None:
+        raise GuestImageError("/etc/os-release names no release (VERSION_CODENAME): pass release=CODENAME "
+                              "(--release), e.g. bookworm")
     # The Debian package, not acquire_kernel(): that prefers the host's own kernel, whose module
     # tree is not something dpkg can install into the guest.
     info = debian_kernel(root, say, kernel_release)
@@ -188,7 +193,7 @@ def build_debian_image(*, release: str | None = None, packages: Sequence[str] = 
         say(f"debian: cached {final} ({time.monotonic() - started:.2f} s)")
         return _with_domain(cached)
 
-    mirror, keyring = apt_mirror(codename)
+    mirror = apt_mirror(codename)
     (root / "debian").mkdir(parents=True, exist_ok=True)
     # Everything happens in a hidden folder renamed into place at the end: a killed build never
     # leaves something that looks complete.
@@ -199,7 +204,7 @@ def build_debian_image(*, release: str | None = None, packages: Sequence[str] = 
         # namespace those mounts vanish with the process, even when the build is killed.
         argv = ["unshare", "--mount", "--propagation", "private", "debootstrap", "--variant=minbase",
                 f"--include={','.join(sorted(set(packages)))}",
-                *([f"--keyring={keyring}"] if keyring else []), codename, str(rootfs), mirror]
+                codename, str(rootfs), mirror]
         say(f"debian: debootstrap {codename} from {mirror} ({len(packages)} extra packages)")
         t0 = time.monotonic()
         _run(argv, "debootstrap", say)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from balloonlab.model.errors import GuestImageError
 
-__all__ = ["APT_HINT", "apt_download", "apt_download_closure", "deb_members", "read_deb_data", "unpack_debs"]
+__all__ = ["APT_HINT", "apt_download", "apt_download_closure", "apt_mirror", "deb_members", "read_deb_data",
+           "unpack_debs"]
 
 #: What to do when apt cannot help.
 APT_HINT = ("run `apt-get update` as root first (the project's Makefile does this), "
@@ -70,7 +71,7 @@ def deb_members(deb: Path, want: Callable[[str], bool]) -> dict[str, bytes]:
     return found
 
 
-def _run_apt(argv: list[str], cwd: Path, what: str) -> None:
+def _run_apt(argv: list[str], cwd: Path, what: str) -> str:
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=1800, check=False)
     except FileNotFoundError:
@@ -78,6 +79,25 @@ def _run_apt(argv: list[str], cwd: Path, what: str) -> None:
     if proc.returncode != 0:
         raise GuestImageError(f"{what}: `{' '.join(argv)}` failed: "
                               f"{(proc.stderr or proc.stdout).strip()[-500:] or 'no output'}; {APT_HINT}")
+    return proc.stdout
+
+
+def apt_mirror(suite: str) -> str:
+    """The URI apt fetches ``suite``'s binary packages from, as apt itself reports it
+    (``apt-get indextargets``, whatever form its sources take): debootstrap must use the mirror
+    apt uses, as the machines balloonlab runs on reach Debian's archive only through it.
+
+    :raises GuestImageError: apt has no ``deb`` source for ``suite`` (the message says to add one).
+    """
+    listed = _run_apt(["apt-get", "indextargets", "--format", "$(TARGET_OF) $(RELEASE) $(REPO_URI)"], Path("/"),
+                      "cannot list apt's sources")
+    for line in listed.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[:2] == ["deb", suite]:
+            return fields[2]
+    raise GuestImageError(f"apt has no `deb` source for {suite}: debootstrap needs the mirror apt uses; add one "
+                          f"(a `Types: deb` entry with `Suites: {suite}` in /etc/apt/sources.list.d/) and run "
+                          "`apt-get update`")
 
 
 def apt_download(pkg: str, dest: Path) -> Path:
