@@ -76,6 +76,7 @@ async def test_the_built_in_guest_gives_its_view_through_its_own_agent(spec):
         assert ((rows["guest_mem_free"] - rows["free_memory"]).abs() < 2 * MiB).all()
         assert rows["guest_cached"].isna().all()  # the built-in agent reports five fields, the rest stays NA
         assert rows["guest_view_lag_s"].between(0, 1).all()
+        assert sampler.states()[guest.name].view_error is None
 
 
 async def test_a_balloon_that_never_reports_gets_one_warning_that_says_what_to_check(spec):

@@ -34,7 +34,6 @@ from typing import Any
 
 from balloonlab.domain import AGENT_CHANNEL
 from balloonlab.model.errors import AgentUnavailable, GuestAgentError
-from balloonlab.model.guest_view import GuestView, read_guest_view
 
 __all__ = ["GuestAgent"]
 
@@ -140,10 +139,6 @@ class GuestAgent:
             except BaseException:
                 self._drop()  # cancelled while a reply may still come
                 raise
-
-    async def memory(self) -> GuestView:
-        """The guest's /proc/meminfo and /proc/vmstat as the frame's ``guest_*`` columns."""
-        return await read_guest_view(self.execute)
 
     def _drop(self) -> None:
         writer, self._reader, self._writer = self._writer, None, None

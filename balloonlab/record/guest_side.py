@@ -44,7 +44,6 @@ class GuestSideState:
     started: float = field(default_factory=time.monotonic)
     warned_unset: bool = False
     view_due: float = 0.0
-    view_error: str | None = None
     #: The agent answered once: views are read in line with the reports from then on.
     view_ok: bool = False
     #: Until then, a read in the background (a booting guest's agent is not waited for).
@@ -70,6 +69,8 @@ class SamplingState:
     unsubscribe: Callable[[], object] | None = field(default=None, repr=False)
     #: When balloonlab last set this guest's target (epoch s): a move may follow.
     target_set_at: float = 0.0
+    #: Why the guest's own view (``Sampler(guest_view=True)``) was NA at the last try, if it was.
+    view_error: str | None = None
     #: The guest's own view and the unset-stats check (record.guest_side).
     inside: GuestSideState = field(default_factory=GuestSideState, repr=False)
 
@@ -103,7 +104,7 @@ class GuestSide:
             failure = probe.exception() if not probe.cancelled() else asyncio.CancelledError()
             if failure is not None:  # not up yet (AgentError), or anything else: ask again later
                 side.view_due = time.monotonic() + VIEW_RETRY_S
-                side.view_error = str(failure) or type(failure).__name__
+                state.view_error = str(failure) or type(failure).__name__
                 return None
             if probe.result() is None:  # neither agent: never ask again
                 side.view_due = float("inf")
@@ -113,11 +114,11 @@ class GuestSide:
             view = await asyncio.wait_for(guest.read_guest_view(), VIEW_TIMEOUT_S)
         except (AgentError, TimeoutError) as exc:
             side.view_due = time.monotonic() + VIEW_RETRY_S
-            side.view_error = str(exc) or type(exc).__name__
+            state.view_error = str(exc) or type(exc).__name__
             return None
         if view is None:  # neither agent: never ask again
             side.view_due = float("inf")
-        side.view_error = None
+        state.view_error = None
         return view
 
     async def _check_unset(self, guest: GuestProtocol, state: SamplingState, record: BalloonStats,
